@@ -1,0 +1,114 @@
+"""Local and remote paths (s3://, gs://, hdfs://) through pyarrow.fs, and atomic, resumable outputs.
+
+An output folder is complete when its manifest.json exists: stages write everything else first and the
+manifest last. Locally the folder is built under a temporary name and renamed into place, so a crash
+never leaves a folder that looks complete; on object stores (no rename) the manifest-last rule alone
+marks completeness and a rerun clears a half-written folder before writing again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow.fs as pafs
+
+MANIFEST = "manifest.json"
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path within it) for a local path or URI."""
+    if is_remote(uri) or uri.startswith("file://"):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(uri: str) -> str:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode("utf-8")
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write a small file so that readers see the old content or the new, never a torn one."""
+    fs, path = filesystem(uri)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:  # object stores write whole objects atomically
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode("utf-8"))
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def is_complete(folder: str) -> bool:
+    """A stage output is complete once its manifest exists."""
+    return exists(f"{folder.rstrip('/')}/{MANIFEST}")
+
+
+def remove(uri: str) -> None:
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files below a folder (recursive), as URIs/paths in the caller's form, sorted."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    prefix = uri[: uri.index("://") + 3] if is_remote(uri) else ""
+    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+@contextlib.contextmanager
+def staged_output(final: str) -> Iterator[str]:
+    """Yield a folder to write a stage's output into; it appears at `final` only if the block succeeds.
+
+    Local: a sibling temporary folder renamed into place at the end. Remote: `final` itself, cleared of
+    any half-written earlier attempt first; completeness is the manifest written last by the caller.
+    """
+    if is_remote(final):
+        if exists(final) and not is_complete(final):
+            remove(final)
+        yield final
+        return
+    final = os.path.abspath(final)
+    tmp = f"{final}.partial-{uuid.uuid4().hex[:8]}"
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

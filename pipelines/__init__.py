@@ -1,0 +1,1 @@
+"""Corpus curation on Ray Data: read, normalize, filter, dedup, tokenize, pack, write."""

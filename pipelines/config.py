@@ -1,0 +1,146 @@
+"""Config of the curation stage (`data:` in a recipe)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from core.schema import Section
+
+
+class SourceConfig(Section):
+    path: str
+    """A file, folder, glob or URI (s3://, gs://), or `builtin:python-docs` for the docstrings of Python's stdlib."""
+    format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
+    """File format; auto decides per file from its extension (.jsonl, .jsonl.gz, .json, .parquet, .txt, .md)."""
+    id_field: str = "id"
+    """Field holding the document id; ids are generated (path:line) when it is absent."""
+    text_field: str = "text"
+    """Field holding the document text."""
+
+
+class NormalizeConfig(Section):
+    nfkc: bool = True
+    """Apply Unicode NFKC normalization."""
+    strip_control: bool = True
+    """Remove control characters other than newline and tab."""
+    collapse_whitespace: bool = True
+    """Collapse runs of spaces/tabs, strip line ends, and squeeze 3+ newlines into 2."""
+
+
+class FilterConfig(Section):
+    """Gopher / C4 style quality rules; set a threshold to null to switch that rule off."""
+
+    min_words: int | None = 50
+    """Drop documents with fewer words."""
+    max_words: int | None = 100_000
+    """Drop documents with more words."""
+    min_mean_word_length: float | None = 3.0
+    """Drop documents whose mean word length is below this."""
+    max_mean_word_length: float | None = 10.0
+    """Drop documents whose mean word length is above this."""
+    max_symbol_word_ratio: float | None = 0.1
+    """Drop documents with more '#' and '...' per word than this."""
+    max_digit_fraction: float | None = 0.25
+    """Drop documents whose characters are more than this fraction digits."""
+    min_alpha_word_fraction: float | None = 0.8
+    """Drop documents where fewer words than this contain a letter."""
+    max_duplicate_line_fraction: float | None = 0.3
+    """Drop documents where more lines than this are repeats of earlier lines."""
+    max_top_ngram_fraction: dict[int, float] | None = {2: 0.2, 3: 0.18, 4: 0.16}
+    """For n-gram size n: drop if the most frequent n-gram covers more than this fraction of characters."""
+    max_duplicate_ngram_fraction: dict[int, float] | None = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    """For n-gram size n: drop if repeated n-grams cover more than this fraction of characters."""
+    min_stop_words: int | None = 2
+    """Drop documents with fewer distinct English stop words (the, of, and, ...)."""
+    max_bullet_line_fraction: float | None = 0.9
+    """Drop documents where more lines than this start with a bullet."""
+
+    @model_validator(mode="after")
+    def _ranges(self) -> FilterConfig:
+        if self.min_words is not None and self.max_words is not None and self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) is larger than max_words ({self.max_words})")
+        for name in ("max_top_ngram_fraction", "max_duplicate_ngram_fraction"):
+            for n, frac in (getattr(self, name) or {}).items():
+                if n < 1 or not 0 < frac <= 1:
+                    raise ValueError(f"{name}: n-gram size must be >= 1 and fraction in (0, 1], got {n}: {frac}")
+        return self
+
+
+class PIIConfig(Section):
+    enabled: bool = True
+    """Replace emails, IP addresses and phone numbers with placeholders."""
+    email: str = "<EMAIL>"
+    """Placeholder for email addresses."""
+    ip_address: str = "<IP_ADDRESS>"
+    """Placeholder for IPv4 / IPv6 addresses."""
+    phone: str = "<PHONE>"
+    """Placeholder for phone numbers."""
+
+
+class NearDedupConfig(Section):
+    enabled: bool = True
+    """Remove near-duplicates with MinHash LSH."""
+    ngram: int = Field(5, ge=1)
+    """Word n-gram size of the shingles."""
+    num_perm: int = Field(128, ge=8)
+    """Number of MinHash permutations."""
+    threshold: float = Field(0.8, gt=0, lt=1)
+    """Jaccard similarity at and above which two documents are duplicates."""
+    bands: int | None = None
+    """LSH bands; derived from threshold and num_perm when null (with rows)."""
+    rows: int | None = None
+    """Rows per band; derived from threshold and num_perm when null (with bands)."""
+    verify: bool = True
+    """Check each candidate pair's exact Jaccard on its shingles before linking them."""
+    seed: int = 1
+    """Seed of the permutations (the same seed gives the same signatures on any cluster)."""
+
+    @model_validator(mode="after")
+    def _bands_rows(self) -> NearDedupConfig:
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("set both bands and rows, or neither (then they are derived from threshold)")
+        if self.bands is not None and self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands * rows ({self.bands}*{self.rows}) exceeds num_perm ({self.num_perm})")
+        return self
+
+
+class TokenizerConfig(Section):
+    path: str | None = None
+    """Use the HF tokenizer saved at this local path instead of training one."""
+    vocab_size: int = Field(8192, ge=300)
+    """Vocabulary size of the byte-level BPE tokenizer trained on the kept documents."""
+    min_frequency: int = Field(2, ge=1)
+    """Minimum pair frequency for a BPE merge."""
+    max_training_docs: int = Field(200_000, ge=1)
+    """Train the tokenizer on at most this many kept documents (a deterministic sample)."""
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    """Where the corpus comes from; several sources are read as one corpus."""
+    output: str | None = None
+    """Output folder; defaults to <run_dir>/curated."""
+    normalize: NormalizeConfig = NormalizeConfig()
+    """Text normalization."""
+    filters: FilterConfig = FilterConfig()
+    """Quality filters."""
+    pii: PIIConfig = PIIConfig()
+    """PII scrubbing."""
+    exact_dedup: bool = True
+    """Remove documents whose normalized text is identical (keeps the smallest id)."""
+    near_dedup: NearDedupConfig = NearDedupConfig()
+    """Near-duplicate removal."""
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    """Tokenizer training or loading."""
+    seq_len: int = Field(512, ge=8)
+    """Tokens per packed training sequence."""
+    eval_fraction: float = Field(0.02, ge=0, lt=1)
+    """Fraction of kept documents (chosen by a hash of their id) written to the eval split."""
+    rows_per_shard: int = Field(4096, ge=1)
+    """Packed sequences per parquet shard (shards are balanced to within one row)."""
+    write_rejects: bool = True
+    """Write the rows that filters drop to rejects/ with their reason (malformed input is always written)."""
+    batch_size: int = Field(512, ge=1)
+    """Rows per Ray Data batch in the map stages."""

@@ -1,0 +1,1 @@
+"""Exact and near (MinHash LSH + distributed connected components) deduplication."""
