@@ -35,9 +35,18 @@ def stage_function(verb: str):
     return getattr(importlib.import_module(module), func)
 
 
+def preflight(cfg: PlatformConfig, stages: list[str]) -> None:
+    """Stage checks that need no Ray (inputs exist, say), so they fail before a cluster starts."""
+    for stage in stages:
+        module = importlib.import_module(STAGE_VERBS[stage].split(":")[0])
+        if hasattr(module, "preflight"):
+            module.preflight(cfg)
+
+
 def run_stages(cfg: PlatformConfig, stages: list[str]) -> None:
     from core.session import ray_session
 
+    preflight(cfg, stages)
     with ray_session(cfg.ray):
         for stage in stages:
             logging.getLogger("raylm").info("== stage %s ==", stage)

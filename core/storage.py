@@ -59,6 +59,39 @@ def write_text(uri: str, text: str) -> None:
             f.write(text.encode("utf-8"))
 
 
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def upload_dir(local_dir: str, uri: str) -> None:
+    """Copy a local folder's files to a folder that may be remote (HF save_pretrained writes locally)."""
+    for root, _, names in os.walk(local_dir):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), local_dir)
+            with open(os.path.join(root, name), "rb") as f:
+                write_bytes(f"{uri.rstrip('/')}/{rel}", f.read())
+
+
+def local_dir(uri: str) -> str:
+    """A local folder with the content of `uri`: the path itself when local, else a downloaded copy."""
+    if not is_remote(uri):
+        return os.path.abspath(uri)
+    import tempfile
+
+    target = tempfile.mkdtemp(prefix="raylm-")
+    fs, base = filesystem(uri)
+    for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if info.type == pafs.FileType.File:
+            dst = os.path.join(target, os.path.relpath(info.path, base))
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with fs.open_input_stream(info.path) as src, open(dst, "wb") as out:
+                out.write(src.read())
+    return target
+
+
 def read_json(uri: str) -> Any:
     return json.loads(read_text(uri))
 

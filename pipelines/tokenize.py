@@ -51,7 +51,9 @@ class Tokenize:
     """Ray Data stage: text -> token ids (list<int32>) with the eos separator appended to each document."""
 
     def __init__(self, tokenizer_dir: str, text_col: str = "text"):
-        self.tok = load_tokenizer(tokenizer_dir)
+        from core.storage import local_dir
+
+        self.tok = load_tokenizer(local_dir(tokenizer_dir))
         self.eos = self.tok.eos_token_id
         self.text_col = text_col
 

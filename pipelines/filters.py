@@ -1,0 +1,252 @@
+"""Gopher / C4 style quality filters.
+
+A filter only answers `keep(doc) -> True | (False, detail)`. `QualityFilter` (the batch stage) runs the
+filters in order on every row that is not already rejected and records the first failure as the row's
+`reject` reason, e.g. "min_words: 12 < 50". Counting drops by reason and writing rejected rows happen
+once, downstream, for every stage alike (pipelines/run.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from functools import cached_property
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.config import FilterConfig
+
+# Gopher's stop-word rule (Rae et al. 2021) uses these; a real English document has at least two.
+STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
+BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "–", "- ", "* ")
+WORD = re.compile(r"\w+", re.UNICODE)
+
+Verdict = bool | tuple[bool, str]
+
+
+class Doc:
+    """A document with its word and line views computed once and shared by all filters."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    @cached_property
+    def words(self) -> list[str]:
+        return self.text.split()
+
+    @cached_property
+    def norm_words(self) -> list[str]:
+        """Lowercased words stripped of punctuation, for n-gram statistics."""
+        return [w for w in (WORD.findall(t.lower()) for t in self.words) for w in w]
+
+    @cached_property
+    def lines(self) -> list[str]:
+        return [line for line in self.text.split("\n") if line.strip()]
+
+
+class Filter:
+    name = "filter"
+
+    def keep(self, doc: Doc) -> Verdict:
+        raise NotImplementedError
+
+
+class WordCount(Filter):
+    def __init__(self, lo: int | None, hi: int | None):
+        self.lo, self.hi = lo, hi
+        self.name = "min_words"
+
+    def keep(self, doc: Doc) -> Verdict:
+        n = len(doc.words)
+        if self.lo is not None and n < self.lo:
+            return False, f"min_words: {n} < {self.lo}"
+        if self.hi is not None and n > self.hi:
+            return False, f"max_words: {n} > {self.hi}"
+        return True
+
+
+class MeanWordLength(Filter):
+    name = "mean_word_length"
+
+    def __init__(self, lo: float | None, hi: float | None):
+        self.lo, self.hi = lo, hi
+
+    def keep(self, doc: Doc) -> Verdict:
+        if not doc.words:
+            return False, "mean_word_length: no words"
+        mean = sum(map(len, doc.words)) / len(doc.words)
+        if self.lo is not None and mean < self.lo:
+            return False, f"min_mean_word_length: {mean:.2f} < {self.lo}"
+        if self.hi is not None and mean > self.hi:
+            return False, f"max_mean_word_length: {mean:.2f} > {self.hi}"
+        return True
+
+
+class SymbolWordRatio(Filter):
+    name = "max_symbol_word_ratio"
+
+    def __init__(self, limit: float):
+        self.limit = limit
+
+    def keep(self, doc: Doc) -> Verdict:
+        symbols = doc.text.count("#") + doc.text.count("...") + doc.text.count("…")
+        ratio = symbols / max(len(doc.words), 1)
+        return ratio <= self.limit or (False, f"{self.name}: {ratio:.3f} > {self.limit}")
+
+
+class DigitFraction(Filter):
+    name = "max_digit_fraction"
+
+    def __init__(self, limit: float):
+        self.limit = limit
+
+    def keep(self, doc: Doc) -> Verdict:
+        frac = sum(ch.isdigit() for ch in doc.text) / max(len(doc.text), 1)
+        return frac <= self.limit or (False, f"{self.name}: {frac:.3f} > {self.limit}")
+
+
+class AlphaWords(Filter):
+    name = "min_alpha_word_fraction"
+
+    def __init__(self, limit: float):
+        self.limit = limit
+
+    def keep(self, doc: Doc) -> Verdict:
+        frac = sum(any(ch.isalpha() for ch in w) for w in doc.words) / max(len(doc.words), 1)
+        return frac >= self.limit or (False, f"{self.name}: {frac:.3f} < {self.limit}")
+
+
+class DuplicateLines(Filter):
+    name = "max_duplicate_line_fraction"
+
+    def __init__(self, limit: float):
+        self.limit = limit
+
+    def keep(self, doc: Doc) -> Verdict:
+        if len(doc.lines) < 2:
+            return True
+        frac = 1 - len(set(doc.lines)) / len(doc.lines)
+        return frac <= self.limit or (False, f"{self.name}: {frac:.3f} > {self.limit}")
+
+
+def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return list(zip(*(words[i:] for i in range(n))))
+
+
+class TopNgram(Filter):
+    """Gopher: the most frequent n-gram must not cover too many of the document's characters."""
+
+    name = "max_top_ngram_fraction"
+
+    def __init__(self, limits: dict[int, float]):
+        self.limits = sorted(limits.items())
+
+    def keep(self, doc: Doc) -> Verdict:
+        words = doc.norm_words
+        total = sum(map(len, words))
+        for n, limit in self.limits:
+            grams = _ngrams(words, n)
+            if not grams or total == 0:
+                continue
+            gram, count = Counter(grams).most_common(1)[0]
+            if count < 2:
+                continue
+            frac = count * sum(map(len, gram)) / total
+            if frac > limit:
+                return False, f"{self.name}[{n}]: {frac:.3f} > {limit}"
+        return True
+
+
+class DuplicateNgram(Filter):
+    """Gopher: characters inside n-grams that occur more than once (each word counted once)."""
+
+    name = "max_duplicate_ngram_fraction"
+
+    def __init__(self, limits: dict[int, float]):
+        self.limits = sorted(limits.items())
+
+    def keep(self, doc: Doc) -> Verdict:
+        words = doc.norm_words
+        total = sum(map(len, words))
+        for n, limit in self.limits:
+            grams = _ngrams(words, n)
+            if not grams or total == 0:
+                continue
+            counts = Counter(grams)
+            covered = [False] * len(words)
+            for i, gram in enumerate(grams):
+                if counts[gram] > 1:
+                    covered[i : i + n] = [True] * n
+            frac = sum(len(w) for w, c in zip(words, covered) if c) / total
+            if frac > limit:
+                return False, f"{self.name}[{n}]: {frac:.3f} > {limit}"
+        return True
+
+
+class StopWords(Filter):
+    name = "min_stop_words"
+
+    def __init__(self, minimum: int):
+        self.minimum = minimum
+
+    def keep(self, doc: Doc) -> Verdict:
+        found = len(STOP_WORDS.intersection(doc.norm_words))
+        return found >= self.minimum or (False, f"{self.name}: {found} < {self.minimum}")
+
+
+class BulletLines(Filter):
+    name = "max_bullet_line_fraction"
+
+    def __init__(self, limit: float):
+        self.limit = limit
+
+    def keep(self, doc: Doc) -> Verdict:
+        if not doc.lines:
+            return True
+        frac = sum(line.lstrip().startswith(BULLETS) for line in doc.lines) / len(doc.lines)
+        return frac <= self.limit or (False, f"{self.name}: {frac:.3f} > {self.limit}")
+
+
+def build_filters(cfg: FilterConfig) -> list[Filter]:
+    """The filters a config switches on, cheapest first so most drops cost little."""
+    filters: list[Filter] = []
+    if cfg.min_words is not None or cfg.max_words is not None:
+        filters.append(WordCount(cfg.min_words, cfg.max_words))
+    if cfg.min_mean_word_length is not None or cfg.max_mean_word_length is not None:
+        filters.append(MeanWordLength(cfg.min_mean_word_length, cfg.max_mean_word_length))
+    optional = [
+        (cfg.max_symbol_word_ratio, SymbolWordRatio), (cfg.max_digit_fraction, DigitFraction),
+        (cfg.min_alpha_word_fraction, AlphaWords), (cfg.max_bullet_line_fraction, BulletLines),
+        (cfg.max_duplicate_line_fraction, DuplicateLines), (cfg.min_stop_words, StopWords),
+        (cfg.max_top_ngram_fraction, TopNgram), (cfg.max_duplicate_ngram_fraction, DuplicateNgram),
+    ]
+    filters += [cls(value) for value, cls in optional if value is not None and value != {}]
+    return filters
+
+
+def first_failure(filters: list[Filter], text: str) -> str | None:
+    doc = Doc(text)
+    for f in filters:
+        verdict = f.keep(doc)
+        if verdict is not True:
+            return verdict[1] if isinstance(verdict, tuple) else f.name
+    return None
+
+
+class QualityFilter:
+    """Ray Data stage: sets `reject` to the first failing filter's reason on rows not yet rejected."""
+
+    def __init__(self, cfg: FilterConfig):
+        self.filters = build_filters(cfg)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch.column("text").to_pylist()
+        rejects = batch.column("reject").to_pylist()
+        out = [r if r is not None else first_failure(self.filters, t) for t, r in zip(texts, rejects)]
+        return batch.set_column(batch.schema.get_field_index("reject"), "reject", pa.array(out, pa.string()))
+
+
+def reason_kind(reason: pa.ChunkedArray) -> pa.ChunkedArray:
+    """'min_words: 12 < 50' -> 'min_words' (the part before the colon), for counting drops by reason."""
+    return pc.replace_substring_regex(reason, r"[:\[].*$", "")

@@ -1,0 +1,259 @@
+"""`raylm curate`: corpus files -> clean, deduplicated documents, a tokenizer and packed token shards.
+
+The pipeline is written out in plain sight below: read -> normalize -> scrub PII -> quality filters ->
+exact dedup -> near dedup -> split -> tokenizer -> tokenize -> pack -> shards. Each phase streams through
+Ray Data and is materialized once where two consumers need it (kept rows and rejects, say); the driver
+only ever sees counts. Output lands atomically (core.storage.staged_output) with manifest.json last.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from core import storage
+from core.config import PlatformConfig, dump_config
+from core.errors import InputError
+from core.lineage import fingerprint, read_manifest, write_manifest
+from core.metrics import counter, gauge
+from pipelines import readers
+from pipelines.config import DataConfig
+from pipelines.dedup.exact import exact_duplicates
+from pipelines.filters import QualityFilter, reason_kind
+from pipelines.normalize import Normalize, ScrubPII
+from pipelines.pack import SPLITS, Pack, eval_split
+from pipelines.summary import StageRow, render_summary
+from pipelines.tokenize import Tokenize, load_tokenizer, train_tokenizer
+
+log = logging.getLogger("raylm")
+
+# Reject reasons by the stage that produces them (the rest come from the quality filters).
+READ_REASONS = {"invalid_utf8", "malformed_json", "not_an_object", "missing_text_field", "text_not_string",
+                "empty_file", "unreadable_file", "unparsable_python"}
+NORMALIZE_REASONS = {"empty_text"}
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+    _t: float = field(default_factory=time.perf_counter)
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._t, 3)
+        self._t = now
+
+
+def preflight(cfg: PlatformConfig) -> None:
+    """Checks that need no Ray: the inputs exist. Called by the CLI before Ray starts."""
+    readers.discover(cfg.data.sources)
+
+
+def _keep_rejected(t: pa.Table) -> pa.Table:
+    return t.filter(pc.is_valid(t.column("reject")))
+
+
+def _keep_clean(t: pa.Table) -> pa.Table:
+    return t.filter(pc.is_null(t.column("reject"))).drop_columns(["reject"])
+
+
+def _with_reason_kind(t: pa.Table) -> pa.Table:
+    return t.append_column("reason", reason_kind(t.column("reject")))
+
+
+def _drops_by_reason(rejected) -> dict[str, int]:
+    if rejected.count() == 0:
+        return {}
+    rows = rejected.map_batches(_with_reason_kind, batch_format="pyarrow").groupby("reason").count().take_all()
+    return {r["reason"]: int(r["count()"]) for r in sorted(rows, key=lambda r: r["reason"])}
+
+
+def _clean(data: DataConfig, files: list[readers.InputFile]):
+    """read -> normalize -> PII -> quality filters, one fused streaming pass; rejected rows keep a reason."""
+    ds = readers.read_corpus(files)
+    ds = ds.map_batches(Normalize(data.normalize), batch_format="pyarrow", batch_size=data.batch_size)
+    if data.pii.enabled:
+        ds = ds.map_batches(ScrubPII(data.pii), batch_format="pyarrow", batch_size=data.batch_size)
+    return ds.map_batches(QualityFilter(data.filters), batch_format="pyarrow", batch_size=data.batch_size)
+
+
+def _near_clusters(survivors, data: DataConfig):
+    if data.near_dedup.enabled:
+        from pipelines.dedup.near import near_duplicate_clusters
+
+        return near_duplicate_clusters(survivors.select_columns(["id", "text"]), data.near_dedup)
+    return survivors.map_batches(
+        lambda t: pa.table({"id": t["id"], "cluster_id": t["id"], "kept": pa.array([True] * t.num_rows)}),
+        batch_format="pyarrow")
+
+
+def _cluster_table(exact_dups, near, parts: int):
+    """Every document that reached dedup: near clusters, plus exact duplicates placed in the cluster of
+    the document they duplicate (never kept)."""
+    if exact_dups.count() == 0:
+        return near
+    keeper_cluster = near.select_columns(["id", "cluster_id"]).rename_columns({"id": "keep_id"})
+    dups = exact_dups.join(keeper_cluster, join_type="inner", num_partitions=parts, on=("keep_id",))
+    dups = dups.map_batches(
+        lambda t: pa.table({"id": t["id"], "cluster_id": t["cluster_id"], "kept": pa.array([False] * t.num_rows)}),
+        batch_format="pyarrow")
+    return near.union(dups)
+
+
+def _train_or_load_tokenizer(data: DataConfig, docs, n_docs: int, out_dir: str) -> int:
+    import ray
+
+    if data.tokenizer.path:
+        tok = load_tokenizer(storage.local_dir(data.tokenizer.path))
+        with tempfile.TemporaryDirectory() as local:
+            tok.save_pretrained(local)
+            storage.upload_dir(local, out_dir)
+        return len(tok)
+
+    @ray.remote(num_cpus=1)
+    def train(ds, limit: int, vocab: int, min_freq: int, out: str) -> int:
+        def texts():
+            seen = 0
+            for batch in ds.iter_batches(batch_size=1024, batch_format="pyarrow"):
+                for text in batch.column("text").to_pylist():
+                    if seen >= limit:
+                        return
+                    seen += 1
+                    yield text
+
+        tok = train_tokenizer(texts(), vocab_size=vocab, min_frequency=min_freq)
+        with tempfile.TemporaryDirectory() as local:
+            tok.save_pretrained(local)
+            storage.upload_dir(local, out)  # works for s3:// and gs:// outputs too
+        return len(tok)
+
+    # Training the BPE merges is one process by nature; it runs in a Ray task next to the data, and
+    # reads a deterministic subset (documents sorted by id) so the same corpus gives the same tokenizer.
+    sample = docs.select_columns(["id", "text"]).sort("id")
+    t = data.tokenizer
+    return ray.get(train.remote(sample, min(t.max_training_docs, n_docs), t.vocab_size, t.min_frequency, out_dir))
+
+
+def _num_partitions() -> int:
+    import ray
+
+    return max(2, int(ray.cluster_resources().get("CPU", 2)))
+
+
+def run(cfg: PlatformConfig) -> dict:
+    import ray.data  # Ray itself is initialised by the CLI's session
+
+    data = cfg.data
+    out = data.output
+    if storage.is_complete(out):
+        log.info("curated data at %s is complete; nothing to do (delete the folder to curate again)", out)
+        return read_manifest(out)
+
+    files = readers.discover(data.sources)
+    in_bytes = sum(f.size for f in files)
+    log.info("curating %d files (%.1f MB) into %s", len(files), in_bytes / 1e6, out)
+    parts = _num_partitions()
+    times = Timings()
+
+    with storage.staged_output(out) as tmp:
+        # 1. read, normalize, scrub, filter: one streaming pass, materialized for its two consumers.
+        cleaned = _clean(data, files).materialize()
+        rejected = cleaned.map_batches(_keep_rejected, batch_format="pyarrow")
+        kept = cleaned.map_batches(_keep_clean, batch_format="pyarrow").materialize()
+        n_read = cleaned.count()
+        drops = _drops_by_reason(rejected)
+        n_kept = kept.count()
+        if not data.write_rejects:
+            rejected = rejected.map_batches(
+                lambda t: t.filter(pc.is_in(reason_kind(t.column("reject")), pa.array(sorted(READ_REASONS)))),
+                batch_format="pyarrow")
+        if rejected.count():
+            rejected.write_parquet(f"{tmp}/rejects")
+        times.lap("read_clean_filter")
+        if n_kept == 0:
+            raise InputError(f"data.sources: no documents left to curate: {n_read} rows read, all rejected ({drops})")
+
+        # 2. exact dedup (one hash shuffle), 3. near dedup (MinHash LSH + connected components on Ray).
+        labelled = exact_duplicates(kept, parts).materialize()
+        survivors = labelled.filter(expr="id == keep_id").drop_columns(["text_hash", "keep_id"]).materialize()
+        exact_dups = labelled.filter(expr="id != keep_id").select_columns(["id", "keep_id"])
+        n_exact = survivors.count()
+        times.lap("exact_dedup")
+        near = _near_clusters(survivors, data).materialize()
+        write_table_ds = _cluster_table(exact_dups, near, parts)
+        from pipelines.write import write_shards, write_table
+
+        n_clustered = write_table(write_table_ds, f"{tmp}/dedup", "clusters.parquet")
+        keep_ids = near.filter(expr="kept").select_columns(["id"])
+        final = survivors.join(keep_ids, join_type="inner", num_partitions=parts, on=("id",))
+        final = final.map_batches(
+            lambda t: t.append_column("split", eval_split(t.column("id"), data.eval_fraction)), batch_format="pyarrow"
+        ).materialize()
+        n_final = final.count()
+        final.write_parquet(f"{tmp}/docs")
+        times.lap("near_dedup_and_docs")
+
+        # 4. tokenizer, 5. tokenize + pack + shard per split.
+        vocab = _train_or_load_tokenizer(data, final, n_final, f"{tmp}/tokenizer")
+        times.lap("tokenizer")
+        tokenized = final.map_batches(
+            Tokenize, fn_constructor_kwargs={"tokenizer_dir": f"{tmp}/tokenizer"}, batch_format="pyarrow",
+            batch_size=data.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=parts),
+        ).materialize()
+        n_tokens = int(tokenized.map_batches(
+            lambda t: pa.table({"n": pc.list_value_length(t.column("input_ids"))}), batch_format="pyarrow").sum("n") or 0)
+        packed = tokenized.map_batches(Pack(data.seq_len), batch_format="pyarrow", batch_size=4 * data.batch_size).materialize()
+        shards = {}
+        for split in SPLITS:
+            part = packed.filter(expr=f"split == '{split}'").drop_columns(["split"])
+            shards[split] = write_shards(part, f"{tmp}/shards", split, data.rows_per_shard)
+        times.lap("tokenize_pack_write")
+
+        sequences = {s: sum(x["rows"] for x in shards[s]) for s in SPLITS}
+        packed_tokens = sum(sequences.values()) * data.seq_len
+        read_drops = {k: v for k, v in drops.items() if k in READ_REASONS}
+        norm_drops = {k: v for k, v in drops.items() if k in NORMALIZE_REASONS}
+        filter_drops = {k: v for k, v in drops.items() if k not in READ_REASONS | NORMALIZE_REASONS}
+        n_valid = n_read - sum(read_drops.values())
+        n_normalized = n_valid - sum(norm_drops.values())
+        counts = {
+            "files": len(files), "input_bytes": in_bytes, "rows_read": n_read, "documents_read": n_valid,
+            "after_normalize": n_normalized, "after_filters": n_kept, "after_exact_dedup": n_exact,
+            "after_near_dedup": n_final, "clustered_documents": n_clustered,
+            "eval_documents": None, "tokens": n_tokens, "packed_tokens": packed_tokens,
+            "tokens_dropped_in_packing": n_tokens - packed_tokens, "sequences": sequences,
+        }
+        counts["eval_documents"] = final.filter(expr="split == 'eval'").count()
+        stage_rows = [
+            StageRow("read", n_read, n_valid, times.seconds["read_clean_filter"], in_bytes),
+            StageRow("normalize", n_valid, n_normalized),
+            StageRow("quality filters", n_normalized, n_kept),
+            StageRow("exact dedup", n_kept, n_exact, times.seconds["exact_dedup"]),
+            StageRow("near dedup", n_exact, n_final, times.seconds["near_dedup_and_docs"]),
+            StageRow("tokenize + pack", n_final, n_final,
+                     times.seconds["tokenizer"] + times.seconds["tokenize_pack_write"]),
+        ]
+        total = sum(times.seconds.values())
+        summary = render_summary(stage_rows, total, in_bytes) + (
+            f"\n{n_tokens:,} tokens -> {sequences['train']:,} train + {sequences['eval']:,} eval sequences of "
+            f"{data.seq_len} ({n_tokens - packed_tokens:,} tail tokens dropped in packing); vocab {vocab:,}")
+        write_manifest(
+            tmp, "curated", dump_config(data),
+            inputs={"fingerprint": fingerprint([(f.path, f.size, f.mtime) for f in files]), "files": len(files), "bytes": in_bytes},
+            counts=counts, drops={"read": read_drops, "normalize": norm_drops, "filters": filter_drops},
+            timings={**times.seconds, "total": round(total, 3), "mb_per_s": round(in_bytes / 1e6 / max(total, 1e-9), 3)},
+            seq_len=data.seq_len, vocab_size=vocab, shards=shards,
+            dedup={"exact_duplicates": n_kept - n_exact, "near_duplicates": n_exact - n_final, **data.near_dedup.model_dump()},
+        )
+
+    for name, value in (("documents_in", n_valid), ("documents_out", n_final), ("tokens", packed_tokens)):
+        gauge(f"curate_{name}", value, {"run": cfg.name})
+    counter("curate_runs_total", 1, {"run": cfg.name})
+    print(summary, flush=True)
+    log.info("curated data written to %s", out)
+    return read_manifest(out)

@@ -1,0 +1,26 @@
+"""The table printed when curation ends: documents in and out per stage, time and throughput."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StageRow:
+    stage: str
+    docs_in: int
+    docs_out: int
+    seconds: float | None = None
+    bytes_in: int | None = None
+
+
+def render_summary(rows: list[StageRow], total_s: float, total_bytes: int) -> str:
+    header = f"{'stage':<18}{'docs in':>10}{'docs out':>10}{'dropped':>10}{'time s':>9}{'MB/s':>8}"
+    lines = ["", "curation summary", header, "-" * len(header)]
+    for r in rows:
+        secs = f"{r.seconds:.1f}" if r.seconds is not None else ""
+        rate = f"{r.bytes_in / 1e6 / r.seconds:.1f}" if r.bytes_in and r.seconds else ""
+        lines.append(f"{r.stage:<18}{r.docs_in:>10,}{r.docs_out:>10,}{r.docs_in - r.docs_out:>10,}{secs:>9}{rate:>8}")
+    lines.append("-" * len(header))
+    lines.append(f"{'total':<18}{'':>30}{total_s:>9.1f}{total_bytes / 1e6 / max(total_s, 1e-9):>8.2f}")
+    return "\n".join(lines)

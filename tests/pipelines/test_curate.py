@@ -1,0 +1,110 @@
+"""Curation end to end on the shared local Ray: output contract, quarantine, idempotent reruns."""
+
+import json
+import random
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from core import storage
+from core.config import build_config
+from core.errors import InputError
+from core.lineage import read_manifest
+from pipelines.run import run
+
+pytestmark = pytest.mark.slow
+
+VOCAB = ("the of and to in that with have be river village market summer winter children people water bread "
+         "cloth tools stone forest road city morning letter window garden mountain teacher doctor farmer music "
+         "story history science language number family friend house table paper light color voice").split()
+
+
+def document(rng: random.Random, n_words: int = 120) -> str:
+    words = [rng.choice(VOCAB) for _ in range(n_words)]
+    return " ".join(" ".join(words[i : i + 12]).capitalize() + "." for i in range(0, n_words, 12))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(7)
+    root = tmp_path_factory.mktemp("corpus")
+    docs = [{"id": f"d{i:03d}", "text": document(rng)} for i in range(120)]
+    dups = [{"id": f"z-copy-of-{d['id']}", "text": d["text"] + "  \n"} for d in docs[:10]]  # equal once normalized
+    lines = [json.dumps(d) for d in docs + dups]
+    lines[5:5] = ["{broken json", json.dumps({"id": "no-text"}), json.dumps({"id": "short", "text": "Too short."})]
+    (root / "part-0.jsonl").write_text("\n".join(lines[:70]) + "\n")
+    (root / "part-1.jsonl").write_bytes(("\n".join(lines[70:]) + "\n").encode() + b'{"id": "u", "text": "bad \xff"}\n')
+    (root / "empty.jsonl").write_text("")
+    return root
+
+
+def config(corpus, out, **data):
+    return build_config({
+        "name": "t", "run_dir": str(out),
+        "data": {"sources": [{"path": str(corpus)}], "seq_len": 32, "rows_per_shard": 50,
+                 "tokenizer": {"vocab_size": 400}, "eval_fraction": 0.1, **data},
+    })
+
+
+@pytest.fixture(scope="module")
+def curated(ray_cluster, corpus, tmp_path_factory):
+    cfg = config(corpus, tmp_path_factory.mktemp("run"))
+    run(cfg)
+    return cfg.data.output
+
+
+def test_contract_layout(curated):
+    m = read_manifest(curated)
+    assert m["kind"] == "curated" and m["seq_len"] == 32
+    for split in ("train", "eval"):
+        assert m["shards"][split], f"no {split} shards"
+        for shard in m["shards"][split]:
+            t = pq.read_table(f"{curated}/shards/{shard['file']}")
+            assert t.column_names == ["input_ids"] and t.num_rows == shard["rows"]
+            assert set(pc.list_value_length(t["input_ids"]).to_pylist()) == {32}
+    rows = [s["rows"] for s in m["shards"]["train"]]
+    assert len(rows) > 1 and max(rows) - min(rows) <= 1, f"unbalanced shards {rows}"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(f"{curated}/tokenizer")
+    assert tok.eos_token == "<|endoftext|>" and len(tok) == m["vocab_size"]
+
+
+def test_malformed_input_is_quarantined_with_counts(curated):
+    m = read_manifest(curated)
+    assert m["drops"]["read"] == {"empty_file": 1, "invalid_utf8": 1, "malformed_json": 1, "missing_text_field": 1}
+    assert m["drops"]["filters"] == {"min_words": 1}
+    rejects = pq.read_table(f"{curated}/rejects")
+    assert rejects.num_rows == 5
+    assert "{broken json" in rejects.column("text").to_pylist()
+
+
+def test_exact_duplicates_removed_and_clustered(curated):
+    m = read_manifest(curated)
+    c = m["counts"]
+    assert c["after_filters"] == 130 and c["after_exact_dedup"] == 120
+    clusters = pq.read_table(f"{curated}/dedup/clusters.parquet").to_pylist()
+    assert len(clusters) == 130
+    by_id = {r["id"]: r for r in clusters}
+    copy = by_id["z-copy-of-d003"]
+    assert not copy["kept"] and copy["cluster_id"] == by_id["d003"]["cluster_id"] and by_id["d003"]["kept"]
+    docs = pq.read_table(f"{curated}/docs")
+    assert docs.num_rows == c["after_near_dedup"] and not any(i.startswith("z-copy") for i in docs["id"].to_pylist())
+    assert c["sequences"]["train"] + c["sequences"]["eval"] == (c["packed_tokens"] // 32)
+
+
+def test_rerun_of_complete_output_does_nothing(curated, corpus):
+    before = storage.read_text(f"{curated}/manifest.json")
+    cfg = config(corpus, "unused")
+    cfg.data.output = curated
+    run(cfg)
+    assert storage.read_text(f"{curated}/manifest.json") == before
+
+
+def test_corpus_with_no_usable_document_is_an_input_error(ray_cluster, tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("{not json\n")
+    with pytest.raises(InputError, match="no documents left"):
+        run(config(tmp_path / "in", tmp_path / "out"))
+    assert not storage.is_complete(str(tmp_path / "out" / "curated"))
