@@ -59,12 +59,16 @@ def parser() -> argparse.ArgumentParser:
     for verb, text in HELP.items():
         s = sub.add_parser(verb, help=text, description=text)
         s.add_argument("recipe", help="recipe YAML path, or a name in recipes/ (e.g. quickstart)")
-        s.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=20 data.seq_len=256")
+        s.add_argument(
+            "overrides", nargs="*", help="config overrides, e.g. train.max_steps=20 data.seq_len=256"
+        )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s raylm %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s raylm %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
     args = parser().parse_args(argv)
     try:
         cfg = load_config(args.recipe, args.overrides)
@@ -74,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         stages = cfg.stages if args.verb == "run" else [args.verb]
         for stage in stages:
             if getattr(cfg, STAGE_SECTIONS[stage]) is None:
-                raise ConfigError(f"`raylm {args.verb}` needs a '{STAGE_SECTIONS[stage]}' section in the recipe")
+                raise ConfigError(
+                    f"`raylm {args.verb}` needs a '{STAGE_SECTIONS[stage]}' section in the recipe"
+                )
         run_stages(cfg, stages)
         return 0
     except RaylmError as exc:

@@ -62,7 +62,9 @@ class PlatformConfig(Section):
             self.run_dir = f"runs/{self.name}"
         for stage in self.stages:
             if getattr(self, STAGE_SECTIONS[stage]) is None:
-                raise ValueError(f"stage '{stage}' is listed in stages but the recipe has no '{STAGE_SECTIONS[stage]}' section")
+                raise ValueError(
+                    f"stage '{stage}' is listed in stages but the recipe has no '{STAGE_SECTIONS[stage]}' section"
+                )
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages lists a stage twice: {self.stages}")
         # Each stage reads the previous stage's output unless the recipe points it elsewhere.

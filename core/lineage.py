@@ -24,7 +24,9 @@ def fingerprint(files: list[tuple[str, int, float | None]]) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: str, kind: str, config: dict[str, Any], parents: list[str] | None = None, **sections: Any) -> dict[str, Any]:
+def write_manifest(
+    folder: str, kind: str, config: dict[str, Any], parents: list[str] | None = None, **sections: Any
+) -> dict[str, Any]:
     """Write <folder>/manifest.json last, making the folder complete; returns what was written."""
     manifest = {
         "kind": kind,

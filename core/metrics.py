@@ -26,7 +26,9 @@ def _ray_ready() -> bool:
 
 
 @cache
-def _metric(kind: str, name: str, tag_keys: tuple[str, ...], description: str, boundaries: tuple[float, ...] | None) -> Any:
+def _metric(
+    kind: str, name: str, tag_keys: tuple[str, ...], description: str, boundaries: tuple[float, ...] | None
+) -> Any:
     from ray.util import metrics
 
     full = PREFIX + name
@@ -34,7 +36,9 @@ def _metric(kind: str, name: str, tag_keys: tuple[str, ...], description: str, b
         return metrics.Gauge(full, description=description, tag_keys=tag_keys)
     if kind == "counter":
         return metrics.Counter(full, description=description, tag_keys=tag_keys)
-    return metrics.Histogram(full, description=description, boundaries=list(boundaries or ()), tag_keys=tag_keys)
+    return metrics.Histogram(
+        full, description=description, boundaries=list(boundaries or ()), tag_keys=tag_keys
+    )
 
 
 def gauge(name: str, value: float, tags: dict[str, str] | None = None, description: str = "") -> None:
@@ -52,11 +56,18 @@ def counter(name: str, value: float = 1.0, tags: dict[str, str] | None = None, d
 DEFAULT_LATENCY_BOUNDARIES = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
-def histogram(name: str, value: float, tags: dict[str, str] | None = None, description: str = "",
-              boundaries: tuple[float, ...] = DEFAULT_LATENCY_BOUNDARIES) -> None:
+def histogram(
+    name: str,
+    value: float,
+    tags: dict[str, str] | None = None,
+    description: str = "",
+    boundaries: tuple[float, ...] = DEFAULT_LATENCY_BOUNDARIES,
+) -> None:
     if _ray_ready():
         tags = tags or {}
-        _metric("histogram", name, tuple(sorted(tags)), description, boundaries).observe(float(value), tags=tags)
+        _metric("histogram", name, tuple(sorted(tags)), description, boundaries).observe(
+            float(value), tags=tags
+        )
 
 
 def rank() -> int:

@@ -50,7 +50,14 @@ class FilterConfig(Section):
     """Drop documents where more lines than this are repeats of earlier lines."""
     max_top_ngram_fraction: dict[int, float] | None = {2: 0.2, 3: 0.18, 4: 0.16}
     """For n-gram size n: drop if the most frequent n-gram covers more than this fraction of characters."""
-    max_duplicate_ngram_fraction: dict[int, float] | None = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+    max_duplicate_ngram_fraction: dict[int, float] | None = {
+        5: 0.15,
+        6: 0.14,
+        7: 0.13,
+        8: 0.12,
+        9: 0.11,
+        10: 0.10,
+    }
     """For n-gram size n: drop if repeated n-grams cover more than this fraction of characters."""
     min_stop_words: int | None = 2
     """Drop documents with fewer distinct English stop words (the, of, and, ...)."""
@@ -64,7 +71,9 @@ class FilterConfig(Section):
         for name in ("max_top_ngram_fraction", "max_duplicate_ngram_fraction"):
             for n, frac in (getattr(self, name) or {}).items():
                 if n < 1 or not 0 < frac <= 1:
-                    raise ValueError(f"{name}: n-gram size must be >= 1 and fraction in (0, 1], got {n}: {frac}")
+                    raise ValueError(
+                        f"{name}: n-gram size must be >= 1 and fraction in (0, 1], got {n}: {frac}"
+                    )
         return self
 
 

@@ -134,54 +134,50 @@ def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
     return list(zip(*(words[i:] for i in range(n))))
 
 
-class TopNgram(Filter):
-    """Gopher: the most frequent n-gram must not cover too many of the document's characters."""
+class NgramFilter(Filter):
+    """Gopher's n-gram repetition rules: for each n, a fraction of the document's characters must stay
+    under that n's limit. Subclasses say which fraction."""
+
+    def __init__(self, limits: dict[int, float]):
+        self.limits = sorted(limits.items())
+
+    def fraction(self, words: list[str], grams: list[tuple[str, ...]], n: int, total: int) -> float:
+        raise NotImplementedError
+
+    def keep(self, doc: Doc) -> Verdict:
+        words = doc.norm_words
+        total = sum(map(len, words))
+        for n, limit in self.limits:
+            grams = _ngrams(words, n)
+            if grams and total:
+                frac = self.fraction(words, grams, n, total)
+                if frac > limit:
+                    return False, f"{self.name}[{n}]: {frac:.3f} > {limit}"
+        return True
+
+
+class TopNgram(NgramFilter):
+    """The most frequent n-gram must not cover too many of the document's characters."""
 
     name = "max_top_ngram_fraction"
 
-    def __init__(self, limits: dict[int, float]):
-        self.limits = sorted(limits.items())
-
-    def keep(self, doc: Doc) -> Verdict:
-        words = doc.norm_words
-        total = sum(map(len, words))
-        for n, limit in self.limits:
-            grams = _ngrams(words, n)
-            if not grams or total == 0:
-                continue
-            gram, count = Counter(grams).most_common(1)[0]
-            if count < 2:
-                continue
-            frac = count * sum(map(len, gram)) / total
-            if frac > limit:
-                return False, f"{self.name}[{n}]: {frac:.3f} > {limit}"
-        return True
+    def fraction(self, words, grams, n, total):
+        gram, count = Counter(grams).most_common(1)[0]
+        return count * sum(map(len, gram)) / total if count > 1 else 0.0
 
 
-class DuplicateNgram(Filter):
-    """Gopher: characters inside n-grams that occur more than once (each word counted once)."""
+class DuplicateNgram(NgramFilter):
+    """Characters inside n-grams that occur more than once (each word counted once)."""
 
     name = "max_duplicate_ngram_fraction"
 
-    def __init__(self, limits: dict[int, float]):
-        self.limits = sorted(limits.items())
-
-    def keep(self, doc: Doc) -> Verdict:
-        words = doc.norm_words
-        total = sum(map(len, words))
-        for n, limit in self.limits:
-            grams = _ngrams(words, n)
-            if not grams or total == 0:
-                continue
-            counts = Counter(grams)
-            covered = [False] * len(words)
-            for i, gram in enumerate(grams):
-                if counts[gram] > 1:
-                    covered[i : i + n] = [True] * n
-            frac = sum(len(w) for w, c in zip(words, covered) if c) / total
-            if frac > limit:
-                return False, f"{self.name}[{n}]: {frac:.3f} > {limit}"
-        return True
+    def fraction(self, words, grams, n, total):
+        counts = Counter(grams)
+        covered = [False] * len(words)
+        for i, gram in enumerate(grams):
+            if counts[gram] > 1:
+                covered[i : i + n] = [True] * n
+        return sum(len(w) for w, c in zip(words, covered) if c) / total
 
 
 class StopWords(Filter):
@@ -216,10 +212,14 @@ def build_filters(cfg: FilterConfig) -> list[Filter]:
     if cfg.min_mean_word_length is not None or cfg.max_mean_word_length is not None:
         filters.append(MeanWordLength(cfg.min_mean_word_length, cfg.max_mean_word_length))
     optional = [
-        (cfg.max_symbol_word_ratio, SymbolWordRatio), (cfg.max_digit_fraction, DigitFraction),
-        (cfg.min_alpha_word_fraction, AlphaWords), (cfg.max_bullet_line_fraction, BulletLines),
-        (cfg.max_duplicate_line_fraction, DuplicateLines), (cfg.min_stop_words, StopWords),
-        (cfg.max_top_ngram_fraction, TopNgram), (cfg.max_duplicate_ngram_fraction, DuplicateNgram),
+        (cfg.max_symbol_word_ratio, SymbolWordRatio),
+        (cfg.max_digit_fraction, DigitFraction),
+        (cfg.min_alpha_word_fraction, AlphaWords),
+        (cfg.max_bullet_line_fraction, BulletLines),
+        (cfg.max_duplicate_line_fraction, DuplicateLines),
+        (cfg.min_stop_words, StopWords),
+        (cfg.max_top_ngram_fraction, TopNgram),
+        (cfg.max_duplicate_ngram_fraction, DuplicateNgram),
     ]
     filters += [cls(value) for value, cls in optional if value is not None and value != {}]
     return filters

@@ -19,7 +19,10 @@ def eval_split(ids: pa.ChunkedArray | pa.Array, eval_fraction: float) -> pa.Arra
     import xxhash
 
     cutoff = int(eval_fraction * 2**32)
-    return pa.array(["eval" if xxhash.xxh32_intdigest(i.encode("utf-8")) < cutoff else "train" for i in ids.to_pylist()], pa.string())
+    return pa.array(
+        ["eval" if xxhash.xxh32_intdigest(i.encode("utf-8")) < cutoff else "train" for i in ids.to_pylist()],
+        pa.string(),
+    )
 
 
 def pack_rows(token_lists: list[np.ndarray], seq_len: int) -> np.ndarray:
@@ -41,11 +44,17 @@ class Pack:
         out_split, out_rows = [], []
         for split in SPLITS:
             part = batch.filter(pc.equal(batch.column("split"), split))
-            docs = [np.asarray(x, dtype=np.int32) for x in part.column("input_ids").to_numpy(zero_copy_only=False)]
+            docs = [
+                np.asarray(x, dtype=np.int32) for x in part.column("input_ids").to_numpy(zero_copy_only=False)
+            ]
             rows = pack_rows(docs, self.seq_len)
             out_split += [split] * len(rows)
             out_rows.append(rows)
         rows = np.concatenate(out_rows) if out_rows else np.zeros((0, self.seq_len), np.int32)
         flat = pa.array(rows.reshape(-1), pa.int32())
-        return pa.table({"split": pa.array(out_split, pa.string()),
-                         "input_ids": pa.FixedSizeListArray.from_arrays(flat, self.seq_len).cast(pa.list_(pa.int32()))})
+        return pa.table(
+            {
+                "split": pa.array(out_split, pa.string()),
+                "input_ids": pa.FixedSizeListArray.from_arrays(flat, self.seq_len).cast(pa.list_(pa.int32())),
+            }
+        )

@@ -30,13 +30,26 @@ BUILTIN_PYTHON_DOCS = "builtin:python-docs"
 ROWS_PER_BATCH = 2048
 MAX_RAW_CHARS = 2000  # how much of a malformed line is kept in rejects/ for inspection
 
-SCHEMA = pa.schema([
-    ("id", pa.string()), ("text", pa.string()), ("source", pa.string()), ("reject", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("reject", pa.string()),
+    ]
+)
 
 EXTENSIONS = {
-    ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "jsonl", ".json.gz": "jsonl", ".ndjson": "jsonl",
-    ".parquet": "parquet", ".txt": "text", ".txt.gz": "text", ".md": "text", ".rst": "text",
+    ".jsonl": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".json": "jsonl",
+    ".json.gz": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".txt.gz": "text",
+    ".md": "text",
+    ".rst": "text",
 }
 
 
@@ -66,7 +79,9 @@ def python_docs_files() -> list[str]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         # Skip installed packages and the test suite (test fixtures are mostly not prose).
-        dirnames[:] = sorted(d for d in dirnames if d not in {"site-packages", "test", "tests", "idle_test", "__pycache__"})
+        dirnames[:] = sorted(
+            d for d in dirnames if d not in {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+        )
         files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
     return files
 
@@ -88,7 +103,11 @@ def discover(sources: list[SourceConfig]) -> list[InputFile]:
         info = fs.get_file_info(base)
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"data.sources: input path '{src.path}' does not exist")
-        infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        infos = (
+            [info]
+            if info.type == pafs.FileType.File
+            else fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        )
         for i in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
             if pattern and not fnmatch.fnmatch(i.path, pattern):
                 continue
@@ -101,7 +120,9 @@ def discover(sources: list[SourceConfig]) -> list[InputFile]:
             found.append(InputFile(prefix + i.path, fmt, i.size or 0, mtime, src.id_field, src.text_field))
     if not found:
         paths = ", ".join(s.path for s in sources)
-        raise InputError(f"data.sources: no readable files (.jsonl, .jsonl.gz, .parquet, .txt, .md) under {paths}")
+        raise InputError(
+            f"data.sources: no readable files (.jsonl, .jsonl.gz, .parquet, .txt, .md) under {paths}"
+        )
     return found
 
 
@@ -116,7 +137,9 @@ def _reject(source: str, where: str, reason: str, raw: str = "") -> dict:
 def _open(path: str):
     """A pyarrow stream; `.gz` files are decompressed on the fly (pyarrow detects it from the extension)."""
     fs, p = storage.filesystem(path)
-    return fs.open_input_file(p) if path.endswith(".parquet") else fs.open_input_stream(p, compression="detect")
+    return (
+        fs.open_input_file(p) if path.endswith(".parquet") else fs.open_input_stream(p, compression="detect")
+    )
 
 
 def _lines(stream, chunk_size: int = 1 << 20) -> Iterator[bytes]:
@@ -133,14 +156,18 @@ def _lines(stream, chunk_size: int = 1 << 20) -> Iterator[bytes]:
 def read_jsonl(f: InputFile) -> Iterator[dict]:
     with _open(f.path) as stream:
         lineno = 0
-        for lineno, raw in enumerate(_lines(stream), start=1):  # noqa: B007 (lineno is used after the loop)
+        for lineno, raw in enumerate(_lines(stream), start=1):
             if not raw.strip():
                 continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield _reject(f.path, str(lineno), f"invalid_utf8: {exc.reason} at byte {exc.start}",
-                              raw.decode("utf-8", errors="replace"))
+                yield _reject(
+                    f.path,
+                    str(lineno),
+                    f"invalid_utf8: {exc.reason} at byte {exc.start}",
+                    raw.decode("utf-8", errors="replace"),
+                )
                 continue
             try:
                 obj = json.loads(line)
@@ -152,10 +179,17 @@ def read_jsonl(f: InputFile) -> Iterator[dict]:
             elif f.text_field not in obj:
                 yield _reject(f.path, str(lineno), f"missing_text_field: no '{f.text_field}'", line)
             elif not isinstance(obj[f.text_field], str):
-                yield _reject(f.path, str(lineno), f"text_not_string: '{f.text_field}' is {type(obj[f.text_field]).__name__}", line)
+                yield _reject(
+                    f.path,
+                    str(lineno),
+                    f"text_not_string: '{f.text_field}' is {type(obj[f.text_field]).__name__}",
+                    line,
+                )
             else:
                 doc_id = obj.get(f.id_field)
-                yield _row(str(doc_id) if doc_id is not None else f"{f.path}:{lineno}", obj[f.text_field], f.path)
+                yield _row(
+                    str(doc_id) if doc_id is not None else f"{f.path}:{lineno}", obj[f.text_field], f.path
+                )
         if lineno == 0:
             yield _reject(f.path, "0", "empty_file")
 
@@ -165,7 +199,9 @@ def read_parquet(f: InputFile) -> Iterator[dict]:
         pf = pq.ParquetFile(stream)
         names = pf.schema_arrow.names
         if f.text_field not in names:
-            yield _reject(f.path, "schema", f"missing_text_field: no column '{f.text_field}' (columns: {names})")
+            yield _reject(
+                f.path, "schema", f"missing_text_field: no column '{f.text_field}' (columns: {names})"
+            )
             return
         columns = [f.text_field] + ([f.id_field] if f.id_field in names else [])
         offset = 0
@@ -175,7 +211,9 @@ def read_parquet(f: InputFile) -> Iterator[dict]:
             for i, (doc_id, text) in enumerate(zip(ids, texts)):
                 row_no = offset + i
                 if not isinstance(text, str):
-                    yield _reject(f.path, str(row_no), f"text_not_string: '{f.text_field}' is {type(text).__name__}")
+                    yield _reject(
+                        f.path, str(row_no), f"text_not_string: '{f.text_field}' is {type(text).__name__}"
+                    )
                 else:
                     yield _row(str(doc_id) if doc_id is not None else f"{f.path}:{row_no}", text, f.path)
             offset += len(texts)
@@ -192,7 +230,12 @@ def read_text(f: InputFile) -> Iterator[dict]:
     try:
         yield _row(f.path, data.decode("utf-8"), f.path)
     except UnicodeDecodeError as exc:
-        yield _reject(f.path, "0", f"invalid_utf8: {exc.reason} at byte {exc.start}", data.decode("utf-8", errors="replace"))
+        yield _reject(
+            f.path,
+            "0",
+            f"invalid_utf8: {exc.reason} at byte {exc.start}",
+            data.decode("utf-8", errors="replace"),
+        )
 
 
 def read_python_docs(f: InputFile) -> Iterator[dict]:
@@ -206,7 +249,11 @@ def read_python_docs(f: InputFile) -> Iterator[dict]:
         return
 
     def walk(node: ast.AST, qual: str) -> Iterator[dict]:
-        doc = ast.get_docstring(node, clean=False) if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) else None
+        doc = (
+            ast.get_docstring(node, clean=False)
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            else None
+        )
         if doc:
             yield _row(f"python-docs/{rel}:{qual or '<module>'}", inspect.cleandoc(doc), f.path)
         for child in ast.iter_child_nodes(node):
@@ -229,7 +276,11 @@ def _reference_topics(tree: ast.Module, rel: str, path: str) -> Iterator[dict]:
     for node in tree.body:
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
             for key, value in zip(node.value.keys, node.value.values):
-                if isinstance(key, ast.Constant) and isinstance(value, ast.Constant) and isinstance(value.value, str):
+                if (
+                    isinstance(key, ast.Constant)
+                    and isinstance(value, ast.Constant)
+                    and isinstance(value.value, str)
+                ):
                     yield _row(f"python-docs/{rel}:topic:{key.value}", value.value, path)
 
 

@@ -33,8 +33,16 @@ from pipelines.tokenize import Tokenize, load_tokenizer, train_tokenizer
 log = logging.getLogger("raylm")
 
 # Reject reasons by the stage that produces them (the rest come from the quality filters).
-READ_REASONS = {"invalid_utf8", "malformed_json", "not_an_object", "missing_text_field", "text_not_string",
-                "empty_file", "unreadable_file", "unparsable_python"}
+READ_REASONS = {
+    "invalid_utf8",
+    "malformed_json",
+    "not_an_object",
+    "missing_text_field",
+    "text_not_string",
+    "empty_file",
+    "unreadable_file",
+    "unparsable_python",
+}
 NORMALIZE_REASONS = {"empty_text"}
 
 
@@ -69,7 +77,9 @@ def _with_reason_kind(t: pa.Table) -> pa.Table:
 def _drops_by_reason(rejected) -> dict[str, int]:
     if rejected.count() == 0:
         return {}
-    rows = rejected.map_batches(_with_reason_kind, batch_format="pyarrow").groupby("reason").count().take_all()
+    rows = (
+        rejected.map_batches(_with_reason_kind, batch_format="pyarrow").groupby("reason").count().take_all()
+    )
     return {r["reason"]: int(r["count()"]) for r in sorted(rows, key=lambda r: r["reason"])}
 
 
@@ -89,7 +99,8 @@ def _near_clusters(survivors, data: DataConfig):
         return near_duplicate_clusters(survivors.select_columns(["id", "text"]), data.near_dedup)
     return survivors.map_batches(
         lambda t: pa.table({"id": t["id"], "cluster_id": t["id"], "kept": pa.array([True] * t.num_rows)}),
-        batch_format="pyarrow")
+        batch_format="pyarrow",
+    )
 
 
 def _cluster_table(exact_dups, near, parts: int):
@@ -100,8 +111,11 @@ def _cluster_table(exact_dups, near, parts: int):
     keeper_cluster = near.select_columns(["id", "cluster_id"]).rename_columns({"id": "keep_id"})
     dups = exact_dups.join(keeper_cluster, join_type="inner", num_partitions=parts, on=("keep_id",))
     dups = dups.map_batches(
-        lambda t: pa.table({"id": t["id"], "cluster_id": t["cluster_id"], "kept": pa.array([False] * t.num_rows)}),
-        batch_format="pyarrow")
+        lambda t: pa.table(
+            {"id": t["id"], "cluster_id": t["cluster_id"], "kept": pa.array([False] * t.num_rows)}
+        ),
+        batch_format="pyarrow",
+    )
     return near.union(dups)
 
 
@@ -136,7 +150,9 @@ def _train_or_load_tokenizer(data: DataConfig, docs, n_docs: int, out_dir: str) 
     # reads a deterministic subset (documents sorted by id) so the same corpus gives the same tokenizer.
     sample = docs.select_columns(["id", "text"]).sort("id")
     t = data.tokenizer
-    return ray.get(train.remote(sample, min(t.max_training_docs, n_docs), t.vocab_size, t.min_frequency, out_dir))
+    return ray.get(
+        train.remote(sample, min(t.max_training_docs, n_docs), t.vocab_size, t.min_frequency, out_dir)
+    )
 
 
 def _num_partitions() -> int:
@@ -171,12 +187,15 @@ def run(cfg: PlatformConfig) -> dict:
         if not data.write_rejects:
             rejected = rejected.map_batches(
                 lambda t: t.filter(pc.is_in(reason_kind(t.column("reject")), pa.array(sorted(READ_REASONS)))),
-                batch_format="pyarrow")
+                batch_format="pyarrow",
+            )
         if rejected.count():
             rejected.write_parquet(f"{tmp}/rejects")
         times.lap("read_clean_filter")
         if n_kept == 0:
-            raise InputError(f"data.sources: no documents left to curate: {n_read} rows read, all rejected ({drops})")
+            raise InputError(
+                f"data.sources: no documents left to curate: {n_read} rows read, all rejected ({drops})"
+            )
 
         # 2. exact dedup (one hash shuffle), 3. near dedup (MinHash LSH + connected components on Ray).
         labelled = exact_duplicates(kept, parts).materialize()
@@ -192,7 +211,8 @@ def run(cfg: PlatformConfig) -> dict:
         keep_ids = near.filter(expr="kept").select_columns(["id"])
         final = survivors.join(keep_ids, join_type="inner", num_partitions=parts, on=("id",))
         final = final.map_batches(
-            lambda t: t.append_column("split", eval_split(t.column("id"), data.eval_fraction)), batch_format="pyarrow"
+            lambda t: t.append_column("split", eval_split(t.column("id"), data.eval_fraction)),
+            batch_format="pyarrow",
         ).materialize()
         n_final = final.count()
         final.write_parquet(f"{tmp}/docs")
@@ -202,12 +222,21 @@ def run(cfg: PlatformConfig) -> dict:
         vocab = _train_or_load_tokenizer(data, final, n_final, f"{tmp}/tokenizer")
         times.lap("tokenizer")
         tokenized = final.map_batches(
-            Tokenize, fn_constructor_kwargs={"tokenizer_dir": f"{tmp}/tokenizer"}, batch_format="pyarrow",
-            batch_size=data.batch_size, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=parts),
+            Tokenize,
+            fn_constructor_kwargs={"tokenizer_dir": f"{tmp}/tokenizer"},
+            batch_format="pyarrow",
+            batch_size=data.batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=parts),
         ).materialize()
-        n_tokens = int(tokenized.map_batches(
-            lambda t: pa.table({"n": pc.list_value_length(t.column("input_ids"))}), batch_format="pyarrow").sum("n") or 0)
-        packed = tokenized.map_batches(Pack(data.seq_len), batch_format="pyarrow", batch_size=4 * data.batch_size).materialize()
+        n_tokens = int(
+            tokenized.map_batches(
+                lambda t: pa.table({"n": pc.list_value_length(t.column("input_ids"))}), batch_format="pyarrow"
+            ).sum("n")
+            or 0
+        )
+        packed = tokenized.map_batches(
+            Pack(data.seq_len), batch_format="pyarrow", batch_size=4 * data.batch_size
+        ).materialize()
         shards = {}
         for split in SPLITS:
             part = packed.filter(expr=f"split == '{split}'").drop_columns(["split"])
@@ -222,11 +251,20 @@ def run(cfg: PlatformConfig) -> dict:
         n_valid = n_read - sum(read_drops.values())
         n_normalized = n_valid - sum(norm_drops.values())
         counts = {
-            "files": len(files), "input_bytes": in_bytes, "rows_read": n_read, "documents_read": n_valid,
-            "after_normalize": n_normalized, "after_filters": n_kept, "after_exact_dedup": n_exact,
-            "after_near_dedup": n_final, "clustered_documents": n_clustered,
-            "eval_documents": None, "tokens": n_tokens, "packed_tokens": packed_tokens,
-            "tokens_dropped_in_packing": n_tokens - packed_tokens, "sequences": sequences,
+            "files": len(files),
+            "input_bytes": in_bytes,
+            "rows_read": n_read,
+            "documents_read": n_valid,
+            "after_normalize": n_normalized,
+            "after_filters": n_kept,
+            "after_exact_dedup": n_exact,
+            "after_near_dedup": n_final,
+            "clustered_documents": n_clustered,
+            "eval_documents": None,
+            "tokens": n_tokens,
+            "packed_tokens": packed_tokens,
+            "tokens_dropped_in_packing": n_tokens - packed_tokens,
+            "sequences": sequences,
         }
         counts["eval_documents"] = final.filter(expr="split == 'eval'").count()
         stage_rows = [
@@ -235,20 +273,42 @@ def run(cfg: PlatformConfig) -> dict:
             StageRow("quality filters", n_normalized, n_kept),
             StageRow("exact dedup", n_kept, n_exact, times.seconds["exact_dedup"]),
             StageRow("near dedup", n_exact, n_final, times.seconds["near_dedup_and_docs"]),
-            StageRow("tokenize + pack", n_final, n_final,
-                     times.seconds["tokenizer"] + times.seconds["tokenize_pack_write"]),
+            StageRow(
+                "tokenize + pack",
+                n_final,
+                n_final,
+                times.seconds["tokenizer"] + times.seconds["tokenize_pack_write"],
+            ),
         ]
         total = sum(times.seconds.values())
         summary = render_summary(stage_rows, total, in_bytes) + (
             f"\n{n_tokens:,} tokens -> {sequences['train']:,} train + {sequences['eval']:,} eval sequences of "
-            f"{data.seq_len} ({n_tokens - packed_tokens:,} tail tokens dropped in packing); vocab {vocab:,}")
+            f"{data.seq_len} ({n_tokens - packed_tokens:,} tail tokens dropped in packing); vocab {vocab:,}"
+        )
         write_manifest(
-            tmp, "curated", dump_config(data),
-            inputs={"fingerprint": fingerprint([(f.path, f.size, f.mtime) for f in files]), "files": len(files), "bytes": in_bytes},
-            counts=counts, drops={"read": read_drops, "normalize": norm_drops, "filters": filter_drops},
-            timings={**times.seconds, "total": round(total, 3), "mb_per_s": round(in_bytes / 1e6 / max(total, 1e-9), 3)},
-            seq_len=data.seq_len, vocab_size=vocab, shards=shards,
-            dedup={"exact_duplicates": n_kept - n_exact, "near_duplicates": n_exact - n_final, **data.near_dedup.model_dump()},
+            tmp,
+            "curated",
+            dump_config(data),
+            inputs={
+                "fingerprint": fingerprint([(f.path, f.size, f.mtime) for f in files]),
+                "files": len(files),
+                "bytes": in_bytes,
+            },
+            counts=counts,
+            drops={"read": read_drops, "normalize": norm_drops, "filters": filter_drops},
+            timings={
+                **times.seconds,
+                "total": round(total, 3),
+                "mb_per_s": round(in_bytes / 1e6 / max(total, 1e-9), 3),
+            },
+            seq_len=data.seq_len,
+            vocab_size=vocab,
+            shards=shards,
+            dedup={
+                "exact_duplicates": n_kept - n_exact,
+                "near_duplicates": n_exact - n_final,
+                **data.near_dedup.model_dump(),
+            },
         )
 
     for name, value in (("documents_in", n_valid), ("documents_out", n_final), ("tokens", packed_tokens)):

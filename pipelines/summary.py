@@ -20,7 +20,9 @@ def render_summary(rows: list[StageRow], total_s: float, total_bytes: int) -> st
     for r in rows:
         secs = f"{r.seconds:.1f}" if r.seconds is not None else ""
         rate = f"{r.bytes_in / 1e6 / r.seconds:.1f}" if r.bytes_in and r.seconds else ""
-        lines.append(f"{r.stage:<18}{r.docs_in:>10,}{r.docs_out:>10,}{r.docs_in - r.docs_out:>10,}{secs:>9}{rate:>8}")
+        lines.append(
+            f"{r.stage:<18}{r.docs_in:>10,}{r.docs_out:>10,}{r.docs_in - r.docs_out:>10,}{secs:>9}{rate:>8}"
+        )
     lines.append("-" * len(header))
     lines.append(f"{'total':<18}{'':>30}{total_s:>9.1f}{total_bytes / 1e6 / max(total_s, 1e-9):>8.2f}")
     return "\n".join(lines)

@@ -32,7 +32,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=PAD,
+        tokenizer_object=tok,
+        bos_token=EOS,
+        eos_token=EOS,
+        unk_token=EOS,
+        pad_token=PAD,
         model_max_length=1_000_000,
     )
 
@@ -61,5 +65,10 @@ class Tokenize:
         texts = batch.column(self.text_col).to_pylist()
         encoded = self.tok(texts, add_special_tokens=False)["input_ids"]
         ids = [np.asarray([*e, self.eos], dtype=np.int32) for e in encoded]
-        return pa.table({"id": batch.column("id"), "split": batch.column("split"),
-                         "input_ids": pa.array(ids, type=pa.list_(pa.int32()))})
+        return pa.table(
+            {
+                "id": batch.column("id"),
+                "split": batch.column("split"),
+                "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
+            }
+        )

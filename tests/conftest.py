@@ -16,11 +16,63 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-WORDS = (
-    "the of and to in is was for on that with as by at from it an be this are or which have not his "
-    "model data train cluster worker token shard serve batch layer weight gradient loss step ray node "
-    "river mountain garden window letter morning summer winter market village city road forest stone"
-).split()
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "an",
+    "be",
+    "this",
+    "are",
+    "or",
+    "which",
+    "have",
+    "not",
+    "his",
+    "model",
+    "data",
+    "train",
+    "cluster",
+    "worker",
+    "token",
+    "shard",
+    "serve",
+    "batch",
+    "layer",
+    "weight",
+    "gradient",
+    "loss",
+    "step",
+    "ray",
+    "node",
+    "river",
+    "mountain",
+    "garden",
+    "window",
+    "letter",
+    "morning",
+    "summer",
+    "winter",
+    "market",
+    "village",
+    "city",
+    "road",
+    "forest",
+    "stone",
+]
 
 
 def sample_text(rng: random.Random, n_words: int) -> str:
@@ -33,8 +85,12 @@ def ray_cluster():
     plus Ray Data tasks). Token auth stays at Ray's default."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
+    )
     yield ray
     ray.shutdown()
 
@@ -60,9 +116,16 @@ def build_tiny_llama(tokenizer_dir: str, out_dir, seed: int = 0, **overrides) ->
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         **overrides,
     )
     model = LlamaForCausalLM(config)

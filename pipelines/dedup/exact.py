@@ -26,4 +26,6 @@ def exact_duplicates(docs, num_partitions: int):
     Rows with id == keep_id survive; the others are exact duplicates of keep_id.
     """
     hashed = docs.map_batches(add_text_hash, batch_format="pyarrow")
-    return hashed.groupby("text_hash", num_partitions=num_partitions).map_groups(mark_group, batch_format="pyarrow")
+    return hashed.groupby("text_hash", num_partitions=num_partitions).map_groups(
+        mark_group, batch_format="pyarrow"
+    )

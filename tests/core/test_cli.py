@@ -2,15 +2,14 @@
 
 import subprocess
 import sys
-import time
 
 import pytest
 
 
-def raylm(*args, cwd=None):
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "core.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
-    return proc, time.perf_counter() - t
+def raylm(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "core.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
@@ -20,11 +19,14 @@ def raylm(*args, cwd=None):
         (["curate", "quickstart", "data.nonsense=1"], "data.nonsense: unknown key"),
         (["run", "quickstart", "stages=[curate, train, train]"], "stages"),
         (["curate", "does-not-exist.yaml"], "recipe 'does-not-exist.yaml' not found"),
-        (["curate", "quickstart", "data.sources=[{path: /no/such/corpus}]"], "'/no/such/corpus' does not exist"),
+        (
+            ["curate", "quickstart", "data.sources=[{path: /no/such/corpus}]"],
+            "'/no/such/corpus' does not exist",
+        ),
     ],
 )
 def test_bad_input_exits_2_before_ray(args, message):
-    proc, seconds = raylm(*args)
+    proc = raylm(*args)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -32,6 +34,6 @@ def test_bad_input_exits_2_before_ray(args, message):
 
 
 def test_check_prints_resolved_config():
-    proc, _ = raylm("check", "quickstart", "data.seq_len=64")
+    proc = raylm("check", "quickstart", "data.seq_len=64")
     assert proc.returncode == 0, proc.stderr
     assert '"seq_len": 64' in proc.stdout and '"output": "runs/quickstart/curated"' in proc.stdout

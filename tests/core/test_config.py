@@ -7,7 +7,9 @@ MINIMAL = {"name": "t", "data": {"sources": [{"path": "corpus/"}]}}
 
 
 def test_overrides_are_parsed_as_yaml_and_nested():
-    assert parse_overrides(["data.seq_len=128", "stages=[curate, train]", "data.tokenizer.path=/tmp/tok"]) == {
+    assert parse_overrides(
+        ["data.seq_len=128", "stages=[curate, train]", "data.tokenizer.path=/tmp/tok"]
+    ) == {
         "data": {"seq_len": 128, "tokenizer": {"path": "/tmp/tok"}},
         "stages": ["curate", "train"],
     }
@@ -15,7 +17,7 @@ def test_overrides_are_parsed_as_yaml_and_nested():
 
 @pytest.mark.parametrize("bad", ["noequals", "=1", "a..b=1"])
 def test_malformed_override_names_itself(bad):
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         parse_overrides([bad])
 
 
@@ -30,16 +32,23 @@ def test_wrong_type_is_named_with_value():
 
 
 def test_cross_field_checks():
-    with pytest.raises(ConfigError, match="min_words .* larger than max_words"):
+    with pytest.raises(ConfigError, match=r"min_words .* larger than max_words"):
         build_config({**MINIMAL, "data": {**MINIMAL["data"], "filters": {"min_words": 10, "max_words": 5}}})
     with pytest.raises(ConfigError, match="bands and rows"):
         build_config({**MINIMAL, "data": {**MINIMAL["data"], "near_dedup": {"bands": 8}}})
-    with pytest.raises(ConfigError, match="stage 'train' .* no 'train' section"):
+    with pytest.raises(ConfigError, match=r"stage 'train' .* no 'train' section"):
         build_config({**MINIMAL, "stages": ["curate", "train"]})
 
 
 def test_stage_paths_are_linked():
-    cfg = build_config({"name": "demo", "run_dir": "s3://bucket/runs/demo", "stages": ["curate"], **{"data": MINIMAL["data"]}})
+    cfg = build_config(
+        {
+            "name": "demo",
+            "run_dir": "s3://bucket/runs/demo",
+            "stages": ["curate"],
+            **{"data": MINIMAL["data"]},
+        }
+    )
     assert cfg.data.output == "s3://bucket/runs/demo/curated"
 
 

@@ -8,7 +8,7 @@ from core import storage
 def test_staged_output_appears_only_on_success(tmp_path):
     final = tmp_path / "out"
     with pytest.raises(RuntimeError), storage.staged_output(str(final)) as tmp:
-        open(os.path.join(tmp, "partial.txt"), "w").write("x")
+        storage.write_text(os.path.join(tmp, "partial.txt"), "x")
         raise RuntimeError("crash mid-stage")
     assert not final.exists()
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name], "temporary folder must be cleaned up"

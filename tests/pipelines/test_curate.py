@@ -15,9 +15,54 @@ from pipelines.run import run
 
 pytestmark = pytest.mark.slow
 
-VOCAB = ("the of and to in that with have be river village market summer winter children people water bread "
-         "cloth tools stone forest road city morning letter window garden mountain teacher doctor farmer music "
-         "story history science language number family friend house table paper light color voice").split()
+VOCAB = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "that",
+    "with",
+    "have",
+    "be",
+    "river",
+    "village",
+    "market",
+    "summer",
+    "winter",
+    "children",
+    "people",
+    "water",
+    "bread",
+    "cloth",
+    "tools",
+    "stone",
+    "forest",
+    "road",
+    "city",
+    "morning",
+    "letter",
+    "window",
+    "garden",
+    "mountain",
+    "teacher",
+    "doctor",
+    "farmer",
+    "music",
+    "story",
+    "history",
+    "science",
+    "language",
+    "number",
+    "family",
+    "friend",
+    "house",
+    "table",
+    "paper",
+    "light",
+    "color",
+    "voice",
+]
 
 
 def document(rng: random.Random, n_words: int = 120) -> str:
@@ -30,21 +75,38 @@ def corpus(tmp_path_factory):
     rng = random.Random(7)
     root = tmp_path_factory.mktemp("corpus")
     docs = [{"id": f"d{i:03d}", "text": document(rng)} for i in range(120)]
-    dups = [{"id": f"z-copy-of-{d['id']}", "text": d["text"] + "  \n"} for d in docs[:10]]  # equal once normalized
+    dups = [
+        {"id": f"z-copy-of-{d['id']}", "text": d["text"] + "  \n"} for d in docs[:10]
+    ]  # equal once normalized
     lines = [json.dumps(d) for d in docs + dups]
-    lines[5:5] = ["{broken json", json.dumps({"id": "no-text"}), json.dumps({"id": "short", "text": "Too short."})]
+    lines[5:5] = [
+        "{broken json",
+        json.dumps({"id": "no-text"}),
+        json.dumps({"id": "short", "text": "Too short."}),
+    ]
     (root / "part-0.jsonl").write_text("\n".join(lines[:70]) + "\n")
-    (root / "part-1.jsonl").write_bytes(("\n".join(lines[70:]) + "\n").encode() + b'{"id": "u", "text": "bad \xff"}\n')
+    (root / "part-1.jsonl").write_bytes(
+        ("\n".join(lines[70:]) + "\n").encode() + b'{"id": "u", "text": "bad \xff"}\n'
+    )
     (root / "empty.jsonl").write_text("")
     return root
 
 
 def config(corpus, out, **data):
-    return build_config({
-        "name": "t", "run_dir": str(out),
-        "data": {"sources": [{"path": str(corpus)}], "seq_len": 32, "rows_per_shard": 50,
-                 "tokenizer": {"vocab_size": 400}, "eval_fraction": 0.1, **data},
-    })
+    return build_config(
+        {
+            "name": "t",
+            "run_dir": str(out),
+            "data": {
+                "sources": [{"path": str(corpus)}],
+                "seq_len": 32,
+                "rows_per_shard": 50,
+                "tokenizer": {"vocab_size": 400},
+                "eval_fraction": 0.1,
+                **data,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +135,12 @@ def test_contract_layout(curated):
 
 def test_malformed_input_is_quarantined_with_counts(curated):
     m = read_manifest(curated)
-    assert m["drops"]["read"] == {"empty_file": 1, "invalid_utf8": 1, "malformed_json": 1, "missing_text_field": 1}
+    assert m["drops"]["read"] == {
+        "empty_file": 1,
+        "invalid_utf8": 1,
+        "malformed_json": 1,
+        "missing_text_field": 1,
+    }
     assert m["drops"]["filters"] == {"min_words": 1}
     rejects = pq.read_table(f"{curated}/rejects")
     assert rejects.num_rows == 5
@@ -90,7 +157,9 @@ def test_exact_duplicates_removed_and_clustered(curated):
     copy = by_id["z-copy-of-d003"]
     assert not copy["kept"] and copy["cluster_id"] == by_id["d003"]["cluster_id"] and by_id["d003"]["kept"]
     docs = pq.read_table(f"{curated}/docs")
-    assert docs.num_rows == c["after_near_dedup"] and not any(i.startswith("z-copy") for i in docs["id"].to_pylist())
+    assert docs.num_rows == c["after_near_dedup"] and not any(
+        i.startswith("z-copy") for i in docs["id"].to_pylist()
+    )
     assert c["sequences"]["train"] + c["sequences"]["eval"] == (c["packed_tokens"] // 32)
 
 

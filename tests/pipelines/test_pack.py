@@ -11,8 +11,13 @@ def test_pack_rows_is_exact_and_drops_only_the_tail():
 
 
 def test_pack_stage_separates_splits_and_is_order_independent():
-    batch = pa.table({"id": ["b", "a", "c"], "split": ["train", "train", "eval"],
-                      "input_ids": pa.array([[3, 4, 0], [1, 2, 0], [9, 9, 9, 0]], pa.list_(pa.int32()))})
+    batch = pa.table(
+        {
+            "id": ["b", "a", "c"],
+            "split": ["train", "train", "eval"],
+            "input_ids": pa.array([[3, 4, 0], [1, 2, 0], [9, 9, 9, 0]], pa.list_(pa.int32())),
+        }
+    )
     out = Pack(3)(batch)
     assert out.column("split").to_pylist() == ["train", "train", "eval"]
     assert out.column("input_ids").to_pylist() == [[1, 2, 0], [3, 4, 0], [9, 9, 9]]

@@ -30,7 +30,15 @@ def test_jsonl_good_and_bad_lines_are_all_accounted_for(tmp_path):
     ]
     out = rows(tmp_path, "c.jsonl", b"\n".join(lines))
     reasons = [r["reject"].split(":")[0] if r["reject"] else None for r in out]
-    assert reasons == [None, "malformed_json", "missing_text_field", "text_not_string", "not_an_object", "invalid_utf8", None]
+    assert reasons == [
+        None,
+        "malformed_json",
+        "missing_text_field",
+        "text_not_string",
+        "not_an_object",
+        "invalid_utf8",
+        None,
+    ]
     assert out[0]["id"] == "a" and out[-1]["id"].endswith("c.jsonl:8"), "generated ids name file and line"
 
 
@@ -53,7 +61,7 @@ def test_parquet_with_nulls_and_missing_column(tmp_path):
     assert out[0]["text"] == "ok" and out[1]["reject"].startswith("text_not_string")
     pq.write_table(pa.table({"body": ["ok"]}), tmp_path / "q.parquet")
     (f,) = discover([SourceConfig(path=str(tmp_path / "q.parquet"))])
-    assert list(read_file(f))[0]["reject"].startswith("missing_text_field")
+    assert next(read_file(f))["reject"].startswith("missing_text_field")
 
 
 def test_discover_folder_glob_and_errors(tmp_path):
@@ -62,7 +70,9 @@ def test_discover_folder_glob_and_errors(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     found = discover([SourceConfig(path=str(tmp_path))])
     assert [f.format for f in found] == ["jsonl", "text", "parquet"]
-    assert [f.path for f in discover([SourceConfig(path=str(tmp_path / "sub" / "*.txt"))])] == [str(tmp_path / "sub/b.txt")]
+    assert [f.path for f in discover([SourceConfig(path=str(tmp_path / "sub" / "*.txt"))])] == [
+        str(tmp_path / "sub/b.txt")
+    ]
     with pytest.raises(InputError, match="does not exist"):
         discover([SourceConfig(path=str(tmp_path / "missing"))])
     (tmp_path / "only-bin").mkdir()

@@ -1,0 +1,45 @@
+# raylm: install | demo | test | lint | bench
+# torch is installed first and on its own: TORCH_SPEC is the CPU build on these machines (a local wheel),
+# and on a machine without one, pass TORCH_INDEX=https://download.pytorch.org/whl/cpu to stay off CUDA.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: install demo test test-fast lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -e ".[dev]"
+	@$(BIN)/python -c "import torch; assert not torch.version.cuda or torch.cuda.is_available(), 'a CUDA torch on a CPU machine'; print('torch', torch.__version__)"
+	touch $@
+
+demo: install  ## curate -> train -> serve the quickstart recipe on an embedded local Ray
+	$(BIN)/raylm run quickstart
+
+test: install  ## the whole suite, slow tests included (what CI runs)
+	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install  ## side-by-side benchmarks; JSON lands in .bench/, figures go to BENCHMARKS.md
+	$(BIN)/python benchmarks/dedup.py
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/serve.py
+
+clean:
+	rm -rf runs .bench .pytest_cache
