@@ -26,7 +26,7 @@ from pipelines.config import DataConfig
 from pipelines.dedup.exact import exact_duplicates
 from pipelines.filters import QualityFilter, reason_kind
 from pipelines.normalize import Normalize, ScrubPII
-from pipelines.pack import SPLITS, Pack, eval_split
+from pipelines.pack import SPLITS, add_bucket, eval_split, num_buckets, pack_group
 from pipelines.summary import StageRow, render_summary
 from pipelines.tokenize import Tokenize, load_tokenizer, train_tokenizer
 
@@ -234,12 +234,17 @@ def run(cfg: PlatformConfig) -> dict:
             ).sum("n")
             or 0
         )
-        packed = tokenized.map_batches(
-            Pack(data.seq_len), batch_format="pyarrow", batch_size=4 * data.batch_size
-        ).materialize()
+        buckets = num_buckets(n_final)
+        packed = (
+            tokenized.map_batches(add_bucket, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
+            .groupby("bucket", num_partitions=min(parts, buckets))
+            .map_groups(pack_group, fn_kwargs={"seq_len": data.seq_len}, batch_format="pyarrow")
+            .sort(["bucket", "seq_index"])
+            .materialize()
+        )
         shards = {}
         for split in SPLITS:
-            part = packed.filter(expr=f"split == '{split}'").drop_columns(["split"])
+            part = packed.filter(expr=f"split == '{split}'").select_columns(["input_ids"])
             shards[split] = write_shards(part, f"{tmp}/shards", split, data.rows_per_shard)
         times.lap("tokenize_pack_write")
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pyarrow as pa
 
-from pipelines.pack import Pack, eval_split, pack_rows
+from pipelines.pack import eval_split, pack_group, pack_rows
 
 
 def test_pack_rows_is_exact_and_drops_only_the_tail():
@@ -18,10 +18,11 @@ def test_pack_stage_separates_splits_and_is_order_independent():
             "input_ids": pa.array([[3, 4, 0], [1, 2, 0], [9, 9, 9, 0]], pa.list_(pa.int32())),
         }
     )
-    out = Pack(3)(batch)
+    out = pack_group(batch, 3)
     assert out.column("split").to_pylist() == ["train", "train", "eval"]
+    assert out.column("seq_index").to_pylist() == [0, 1, 2]
     assert out.column("input_ids").to_pylist() == [[1, 2, 0], [3, 4, 0], [9, 9, 9]]
-    assert Pack(3)(batch.take([2, 0, 1])).equals(out)
+    assert pack_group(batch.take([2, 0, 1]), 3).equals(out)
 
 
 def test_eval_split_is_a_stable_fraction():
