@@ -58,8 +58,7 @@ class PlatformConfig(Section):
 
     @model_validator(mode="after")
     def _link_stages(self) -> PlatformConfig:
-        if self.run_dir is None:
-            self.run_dir = f"runs/{self.name}"
+        _update(self, "run_dir", absolute(self.run_dir or f"runs/{self.name}"))
         for stage in self.stages:
             if getattr(self, STAGE_SECTIONS[stage]) is None:
                 raise ValueError(
@@ -70,16 +69,55 @@ class PlatformConfig(Section):
         # Each stage reads the previous stage's output unless the recipe points it elsewhere.
         curated = self.data.output if self.data and self.data.output else join(self.run_dir, "curated")
         if self.data is not None and self.data.output is None:
-            self.data.output = curated
+            _update(self.data, "output", curated)
         if self.train is not None:
             if self.train.data_dir is None:
-                self.train.data_dir = curated
+                _update(self.train, "data_dir", curated)
             if self.train.output is None:
-                self.train.output = join(self.run_dir, "train")
+                _update(self.train, "output", join(self.run_dir, "train"))
         if self.serve is not None and self.serve.model is None:
             trained = self.train.output if self.train else join(self.run_dir, "train")
-            self.serve.model = join(trained, "export")
+            _update(self.serve, "model", join(trained, "export"))
+        self._make_paths_absolute()
         return self
+
+    def _make_paths_absolute(self) -> None:
+        """Ray workers (Ray Train's especially) run in other working directories, so every local path
+        is resolved against the directory the command was started in, once, here."""
+        fields = [("data", "output"), ("train", "data_dir"), ("train", "output"), ("serve", "model")]
+        for section, name in fields:
+            node = getattr(self, section)
+            if node is not None and getattr(node, name):
+                _update(node, name, absolute(getattr(node, name)))
+        if self.data is not None:
+            for src in self.data.sources:
+                if not src.path.startswith("builtin:"):
+                    _update(src, "path", absolute(src.path))
+            if self.data.tokenizer.path:
+                _update(self.data.tokenizer, "path", absolute(self.data.tokenizer.path))
+        if self.train is not None:
+            if self.train.model.path:
+                _update(self.train.model, "path", absolute(self.train.model.path))
+            if self.train.checkpoint.storage_path:
+                _update(self.train.checkpoint, "storage_path", absolute(self.train.checkpoint.storage_path))
+        if self.serve is not None and self.serve.adapters.paths:
+            _update(
+                self.serve.adapters, "paths", {k: absolute(p) for k, p in self.serve.adapters.paths.items()}
+            )
+
+
+def _update(node: Section, name: str, value: Any) -> None:
+    """Assign only a changed value: assignment re-runs validators (validate_assignment), and an
+    unconditional one inside a validator would recurse."""
+    if getattr(node, name) != value:
+        setattr(node, name, value)
+
+
+def absolute(path: str) -> str:
+    """An absolute local path (~ expanded); URIs such as s3://bucket/x are returned unchanged."""
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def join(base: str, *parts: str) -> str:

@@ -36,4 +36,4 @@ def test_bad_input_exits_2_before_ray(args, message):
 def test_check_prints_resolved_config():
     proc = raylm("check", "quickstart", "data.seq_len=64")
     assert proc.returncode == 0, proc.stderr
-    assert '"seq_len": 64' in proc.stdout and '"output": "runs/quickstart/curated"' in proc.stdout
+    assert '"seq_len": 64' in proc.stdout and 'runs/quickstart/curated"' in proc.stdout

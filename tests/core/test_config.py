@@ -52,6 +52,13 @@ def test_stage_paths_are_linked():
     assert cfg.data.output == "s3://bucket/runs/demo/curated"
 
 
+def test_local_paths_become_absolute_uris_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config({"name": "demo", "data": {"sources": [{"path": "corpus"}, {"path": "s3://b/c"}]}})
+    assert cfg.data.output == str(tmp_path / "runs/demo/curated")
+    assert [s.path for s in cfg.data.sources] == [str(tmp_path / "corpus"), "s3://b/c"]
+
+
 def test_quickstart_recipe_loads_with_overrides():
     cfg = load_config("quickstart", ["data.seq_len=64"])
     assert cfg.data.seq_len == 64 and cfg.stages[0] == "curate"

@@ -1,0 +1,84 @@
+"""Fixtures of the training tests: a curated folder built here (the pipelines/ output contract), not by
+running the pipeline: packed rows of exactly seq_len tokens, eos-separated, in train/eval parquet shards."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core import lineage
+
+SEQ_LEN = 32
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "model",
+    "data",
+    "train",
+    "cluster",
+    "worker",
+    "token",
+    "river",
+    "stone",
+]
+
+
+def sample_text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
+
+
+def build_curated(
+    tokenizer_dir: str,
+    out,
+    seq_len: int = SEQ_LEN,
+    train_rows: int = 96,
+    eval_rows: int = 16,
+    rows_per_shard: int = 48,
+    seed: int = 0,
+) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rng = random.Random(seed)
+    stream: list[int] = []
+    need = (train_rows + eval_rows) * seq_len
+    while len(stream) < need:
+        stream += tok(sample_text(rng, rng.randint(10, 60)), add_special_tokens=False)["input_ids"] + [
+            tok.eos_token_id
+        ]
+    rows = np.asarray(stream[:need], dtype=np.int32).reshape(-1, seq_len)
+    (out / "shards").mkdir(parents=True)
+    splits = {"train": rows[:train_rows], "eval": rows[train_rows:]}
+    counts = {}
+    for split, data in splits.items():
+        for i, start in enumerate(range(0, len(data), rows_per_shard)):
+            chunk = data[start : start + rows_per_shard]
+            table = pa.table({"input_ids": pa.array(list(chunk), type=pa.list_(pa.int32()))})
+            pq.write_table(table, out / "shards" / f"{split}-{i:05d}.parquet")
+        counts[f"{split}_sequences"] = len(data)
+    shutil.copytree(tokenizer_dir, out / "tokenizer")
+    lineage.write_manifest(
+        str(out), "curated", {"seq_len": seq_len}, seq_len=seq_len, vocab_size=len(tok), counts=counts
+    )
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def curated_dir(tiny_tokenizer_dir, tmp_path_factory):
+    return build_curated(tiny_tokenizer_dir, tmp_path_factory.mktemp("curated"))

@@ -1,0 +1,192 @@
+"""`raylm train RECIPE`: check the inputs, build the TorchTrainer, fit, write the manifest.
+
+Setup (inputs and resume checks, all before a worker starts), fit (Ray Train + DeepSpeed, restarts from
+the latest checkpoint on worker failure), cleanup (manifest.json linking the export to the curated data).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from core import lineage, storage
+from core.config import PlatformConfig, dump_config
+from core.errors import InputError, RaylmError
+from training import checkpoint as ckpt
+from training.config import TrainConfig
+from training.data import shard_files
+
+log = logging.getLogger("raylm")
+
+
+class TrainingFailed(RaylmError):
+    """The training run ended with an error after its restarts were used up."""
+
+
+def read_curated(data_dir: str) -> dict[str, Any]:
+    """The curated folder's manifest, checked for what training needs."""
+    if not storage.is_complete(data_dir):
+        raise InputError(
+            f"train.data_dir {data_dir} is not a complete curated folder (no {storage.MANIFEST}); "
+            "run `raylm curate` first or point train.data_dir at one"
+        )
+    manifest = lineage.read_manifest(data_dir)
+    if manifest.get("kind") != "curated" or "seq_len" not in manifest:
+        raise InputError(
+            f"train.data_dir {data_dir}: manifest.json is not a curated manifest (kind={manifest.get('kind')!r})"
+        )
+    if not shard_files(data_dir, "train"):
+        raise InputError(f"train.data_dir {data_dir} has no shards/train-*.parquet")
+    if not storage.exists(f"{data_dir.rstrip('/')}/tokenizer"):
+        raise InputError(f"train.data_dir {data_dir} has no tokenizer/ folder")
+    return manifest
+
+
+def check_resume(resume_from: str | None, global_batch_size: int | None = None) -> str | None:
+    """An explicit resume must find a readable checkpoint: an error naming the path, never a fresh start."""
+    if resume_from is None:
+        return None
+    if storage.is_remote(resume_from):
+        ckpt.remote_resume_exists(resume_from)
+        return resume_from
+    path = os.path.abspath(resume_from)
+    state = ckpt.read_state(path)
+    if (
+        global_batch_size is not None
+        and state.get("global_batch_size", global_batch_size) != global_batch_size
+    ):
+        raise ckpt.CheckpointReadError(
+            f"train.checkpoint.resume_from {path} was trained with global_batch_size "
+            f"{state['global_batch_size']}, but train.global_batch_size is {global_batch_size}"
+        )
+    return path
+
+
+def storage_path(t: TrainConfig) -> str:
+    path = t.checkpoint.storage_path or f"{t.output.rstrip('/')}/checkpoints"
+    return path if storage.is_remote(path) else os.path.abspath(path)
+
+
+def loop_config(
+    t: TrainConfig,
+    seed: int,
+    curated: dict[str, Any],
+    resume_from: str | None,
+    backend: str = "ray",
+    storage_dir: str | None = None,
+) -> dict[str, Any]:
+    """The plain-data config of train_loop_per_worker (also what a Ray Tune trial would pass)."""
+    return {
+        "train": dump_config(t),
+        "seed": seed,
+        "seq_len": int(curated["seq_len"]),
+        "curated_manifest": {
+            k: curated.get(k) for k in ("kind", "created_at", "seq_len", "vocab_size", "counts")
+        },
+        "resume_from": resume_from,
+        "backend": backend,
+        "storage_dir": storage_dir,
+    }
+
+
+def build_trainer(t: TrainConfig, config: dict[str, Any], datasets: dict[str, Any]):
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from training.loop import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=t.checkpoint.run_name,
+            storage_path=storage_path(t),
+            failure_config=ray.train.FailureConfig(max_failures=t.checkpoint.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoint.keep_last),
+        ),
+        datasets=datasets,
+        # Every worker sees the whole split in file order; training/data.py picks each rank's rows, so the
+        # order depends only on the seed (not on Ray Data's dynamic split) and survives a change of workers.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
+    )
+
+
+def read_datasets(data_dir: str) -> dict[str, Any]:
+    """The token shards as Ray Datasets. They are read here with pyarrow and handed to Ray Data as Arrow
+    blocks: a few bytes per token next to a model, and no read tasks that would compete with the training
+    workers for CPUs or pay a worker start on every restart. Corpora beyond driver memory would swap this
+    for `ray.data.read_parquet(files)` (same rows, same order with preserve_order)."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    datasets = {}
+    for split in ("train", "eval"):
+        files = shard_files(data_dir, split)
+        if files:
+            tables = []
+            for f in files:
+                fs, path = storage.filesystem(f)
+                tables.append(pq.read_table(path, columns=["input_ids"], filesystem=fs))
+            datasets[split] = ray.data.from_arrow(tables)
+    return datasets
+
+
+def run(cfg: PlatformConfig) -> dict[str, Any]:
+    t = cfg.train
+    seed = t.seed if t.seed is not None else cfg.seed
+    curated = read_curated(t.data_dir)
+    resume_from = check_resume(t.checkpoint.resume_from, t.global_batch_size)
+    if t.model.path is not None and not os.path.isdir(t.model.path):
+        raise InputError(
+            f"train.model.path {t.model.path} is not a local folder (models are never downloaded)"
+        )
+    if storage.is_complete(t.output) and lineage.read_manifest(t.output).get("config") == dump_config(t):
+        log.info("training output %s is complete for this config; skipping", t.output)
+        return lineage.read_manifest(t.output)
+
+    config = loop_config(t, seed, curated, resume_from)
+    trainer = build_trainer(t, config, read_datasets(t.data_dir))
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        # A checkpoint that cannot be read stays a ConfigError naming its path (exit 2).
+        for failure in getattr(exc, "worker_failures", {}).values():
+            cause = failure if isinstance(failure, ckpt.CheckpointReadError) else failure.__cause__
+            if isinstance(cause, ckpt.CheckpointReadError):
+                raise ckpt.CheckpointReadError(str(cause)) from None
+        raise TrainingFailed(f"training failed after {t.checkpoint.max_failures} restarts: {exc}") from None
+
+    final = dict(result.metrics or {})
+    summary = {
+        k: final.get(k) for k in ("step", "loss", "eval_loss", "eval_perplexity", "tokens_per_s", "mfu")
+    }
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    manifest = lineage.write_manifest(
+        t.output,
+        "train",
+        dump_config(t),
+        parents=[f"{t.data_dir.rstrip('/')}/{storage.MANIFEST}"],
+        seed=seed,
+        final=summary,
+        checkpoint=checkpoint,
+        storage_path=storage_path(t),
+        export=f"{t.output.rstrip('/')}/export" if t.export else None,
+    )
+    log.info(
+        "training done: step %s loss %s eval_loss %s; checkpoint %s",
+        summary["step"],
+        summary["loss"],
+        summary["eval_loss"],
+        checkpoint,
+    )
+    return manifest
