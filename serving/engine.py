@@ -1,0 +1,452 @@
+"""Load an HF causal LM (optionally bitsandbytes-quantized, with LoRA adapters) and generate in batches.
+
+No Ray here: app.py wraps this in a Serve deployment. Generation works on a `DecodeBatch`: `prefill`
+left-pads prompts and runs them once, `step` decodes one token for every row with the KV cache, and rows
+that finish leave the batch (and the cache). `merge` appends a freshly prefilled batch to a running one
+(the shorter KV history is left-padded and masked), which is what lets the server add requests between
+two steps. `generate` wraps all this as a plain generator for scripts and tests. Nothing here is
+thread-safe: the caller runs every call on one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from core.errors import InputError
+
+log = logging.getLogger("raylm")
+
+# The tokenizer raylm trains has no chat template; this one keeps turns readable as plain text, which is
+# what a model pre-trained on plain text continues best. A chat completion also stops at DEFAULT_CHAT_STOP
+# (the start of the next user turn) when this template is used.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+DEFAULT_CHAT_STOP = "\nUser:"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _DropInt8CastNotice(logging.Filter):
+    """bitsandbytes' int8 path logs this on every matmul with float32 inputs: expected, and it floods logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast" not in str(record.msg)
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropInt8CastNotice())
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Delta:
+    """What one sequence produced in one decoding step."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Sequence:
+    """Decoding state of one row: its tokens, the text already handed out, its random generator."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    ids: list[int] = field(default_factory=list)
+    emitted: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass
+class DecodeBatch:
+    """Rows decoding together on one adapter: KV cache, attention mask, positions, last sampled tokens.
+    `tags` are the caller's names for the rows, returned with each row's Delta."""
+
+    adapter: str | None
+    seqs: list[_Sequence]
+    tags: list[Any]
+    cache: Any
+    mask: torch.Tensor
+    positions: torch.Tensor
+    tokens: torch.Tensor | None
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("serve.device is cuda but no CUDA device is visible to this replica")
+    return device
+
+
+def check_model_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise InputError(f"model folder {path} does not exist (serve.model)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise InputError(f"{path} has no config.json: not an HF model folder (serve.model)")
+    if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+        raise InputError(f"{path} has no .safetensors weights; raylm loads safetensors only")
+
+
+def check_adapter_dir(path: str) -> None:
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise InputError(f"adapter folder {path} has no {name}")
+
+
+def quantization_config(method: str, dtype: torch.dtype, double_quant: bool = True) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if method == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if method == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=double_quant,
+        )
+    return None
+
+
+class Engine:
+    """One model (plus its LoRA adapters) and batched generation on it; not thread-safe by design:
+    the caller runs every method on one thread."""
+
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str = "float32",
+        quantization: str = "none",
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        chat_template: str | None = None,
+        max_context: int | None = None,
+        nf4_double_quant: bool = True,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        check_model_dir(model_path)
+        self.device = pick_device(device)
+        torch_dtype = DTYPES[dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.tokenizer.padding_side = "left"
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path,
+            dtype=torch_dtype,
+            quantization_config=quantization_config(quantization, torch_dtype, nf4_double_quant),
+            device_map={"": self.device},
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
+        self.model.eval()
+        self.quantization = quantization
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        model_ctx = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        self.context_length = min(max_context, model_ctx) if max_context else model_ctx
+        self.uses_default_template = chat_template is None and not getattr(
+            self.tokenizer, "chat_template", None
+        )
+        self.chat_template = (
+            chat_template or getattr(self.tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
+        )
+        self.adapters: list[str] = []
+        self._in_use: Counter[str] = Counter()
+        self._unload_pending: set[str] = set()
+        self._warm_up(quantization)
+
+    def _warm_up(self, quantization: str) -> None:
+        """One forward pass at load time, so a model that cannot run here (e.g. a layer shape a
+        quantization kernel does not support) fails at start-up, not on a user's request."""
+        try:
+            self._forward(None, input_ids=torch.tensor([[self.eos_id]], device=self.device))
+        except Exception as exc:
+            raise InputError(
+                f"the model does not run with quantization={quantization} on {self.device}: {exc}"
+            ) from exc
+
+    # ---- text ---------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
+
+    def memory_footprint(self) -> int:
+        """Bytes taken by the weights and buffers (quantized weights count at their packed size)."""
+        return int(self.model.get_memory_footprint())
+
+    # ---- adapters -----------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        check_adapter_dir(path)
+        if name in self.adapters:
+            self._unload_pending.discard(name)
+            return
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(path, adapter_name=name, is_trainable=False)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
+        self.model.eval()
+        self.adapters.append(name)
+        log.info("loaded adapter %s from %s", name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload now, or once the generations using it end (an LRU eviction can race a running batch)."""
+        if name not in self.adapters:
+            return
+        if self._in_use[name]:
+            self._unload_pending.add(name)
+            return
+        # peft keeps one adapter around as the "active" one; deleting the last is fine since base
+        # requests run with adapters disabled anyway.
+        if len(self.adapters) > 1:
+            self.model.delete_adapter(name)
+            self.adapters.remove(name)
+            log.info("unloaded adapter %s", name)
+
+    def _forward(self, adapter: str | None, **inputs: Any) -> Any:
+        with torch.inference_mode():
+            if not self.adapters:
+                return self.model(**inputs)
+            if adapter is None:
+                with self.model.disable_adapter():
+                    return self.model(**inputs)
+            self.model.set_adapter(adapter)
+            return self.model(**inputs)
+
+    # ---- generation ----------------------------------------------------------------------------
+    def generate(
+        self, prompts: list[list[int]], params: list[SamplingParams], adapter: str | None = None
+    ) -> Iterator[list[Delta | None]]:
+        """Generate for a batch of token-id prompts, all on the same adapter (None = the base model).
+
+        Yields, after every forward pass, one entry per prompt: a Delta, or None once that row is done.
+        """
+        batch, first = self.prefill(prompts, params, adapter, list(range(len(prompts))))
+        return self._steps(batch, first, len(prompts))
+
+    def _steps(
+        self, batch: DecodeBatch, first: list[tuple[Any, Delta]], n: int
+    ) -> Iterator[list[Delta | None]]:
+        deltas = first
+        while True:
+            step: list[Delta | None] = [None] * n
+            for row, delta in deltas:
+                step[row] = delta
+            yield step
+            if not batch.seqs:
+                return
+            deltas = self.step(batch)
+
+    def prefill(
+        self, prompts: list[list[int]], params: list[SamplingParams], adapter: str | None, tags: list[Any]
+    ) -> tuple[DecodeBatch, list[tuple[Any, Delta]]]:
+        """Run the prompts (left-padded) through the model and sample each row's first token.
+
+        Returns the batch to keep decoding (rows already finished are dropped) and (tag, Delta) per row.
+        """
+        if adapter is not None and adapter not in self.adapters:
+            raise KeyError(f"adapter {adapter!r} is not loaded")
+        seqs = [_Sequence(p, sp, _generator(sp.seed)) for p, sp in zip(prompts, params)]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, mask, positions = (t.to(self.device) for t in (input_ids, mask, positions))
+        out = self._forward(
+            adapter,
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        if adapter is not None:  # an LRU eviction of this adapter now waits until these rows finish
+            self._in_use[adapter] += len(seqs)
+        batch = DecodeBatch(adapter, seqs, list(tags), out.past_key_values, mask, positions[:, -1:], None)
+        return batch, self._advance(batch, out.logits[:, -1, :])
+
+    def step(self, batch: DecodeBatch) -> list[tuple[Any, Delta]]:
+        """One decoding step for every row of the batch; finished rows leave it."""
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.seqs), 1))], dim=1)
+        batch.positions = batch.positions + 1
+        out = self._forward(
+            batch.adapter,
+            input_ids=batch.tokens[:, None].to(self.device),
+            attention_mask=batch.mask,
+            position_ids=batch.positions,
+            past_key_values=batch.cache,
+            use_cache=True,
+        )
+        return self._advance(batch, out.logits[:, -1, :])
+
+    def merge(self, into: DecodeBatch, other: DecodeBatch) -> None:
+        """Append `other`'s rows to `into` (same adapter) so both decode in one forward pass from now on.
+
+        The shorter history is left-padded in the KV cache and masked out; positions stay per row, and
+        RoPE was applied before caching, so padding shifts nothing."""
+        if into.adapter != other.adapter:
+            raise ValueError("only batches on the same adapter can be merged")
+        width = max(into.mask.shape[1], other.mask.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for mine, theirs in zip(into.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([pad(mine.keys, -2), pad(theirs.keys, -2)], dim=0)
+            mine.values = torch.cat([pad(mine.values, -2), pad(theirs.values, -2)], dim=0)
+        into.mask = torch.cat([pad(into.mask, 1), pad(other.mask, 1)], dim=0)
+        into.positions = torch.cat([into.positions, other.positions], dim=0)
+        into.tokens = torch.cat([into.tokens, other.tokens], dim=0)
+        into.seqs += other.seqs
+        into.tags += other.tags
+
+    def _advance(self, batch: DecodeBatch, logits: torch.Tensor) -> list[tuple[Any, Delta]]:
+        """Sample the next token of every row, turn it into text, and drop the rows that finished."""
+        tokens = self._sample(logits, batch.seqs)
+        deltas = [
+            (tag, self._push(seq, tok)) for tag, seq, tok in zip(batch.tags, batch.seqs, tokens.tolist())
+        ]
+        batch.tokens = tokens
+        keep = [i for i, seq in enumerate(batch.seqs) if seq.finish_reason is None]
+        if len(keep) < len(batch.seqs):
+            done = len(batch.seqs) - len(keep)
+            if keep:
+                index = torch.tensor(keep, device=self.device)
+                batch.cache.batch_select_indices(index)
+                batch.mask, batch.positions = batch.mask[index], batch.positions[index]
+                batch.tokens = batch.tokens[index.cpu()]
+            batch.seqs = [batch.seqs[i] for i in keep]
+            batch.tags = [batch.tags[i] for i in keep]
+            self._release(batch.adapter, done)
+        return deltas
+
+    def _release(self, adapter: str | None, rows: int) -> None:
+        if adapter is None:
+            return
+        self._in_use[adapter] -= rows
+        if adapter in self._unload_pending and self._in_use[adapter] <= 0:
+            self._unload_pending.discard(adapter)
+            self.unload_adapter(adapter)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> torch.Tensor:
+        logits = logits.float().cpu()
+        temps = torch.tensor([s.params.temperature for s in seqs])
+        top_ps = torch.tensor([s.params.top_p for s in seqs])
+        greedy = temps == 0
+        if bool(greedy.all()):
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temps.clamp(min=1e-5)[:, None], dim=-1)
+        if bool((top_ps < 1).any()):
+            # nucleus: keep the smallest set of top tokens whose mass reaches top_p (the top one always)
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > top_ps[:, None]
+            sorted_p[drop] = 0
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        picked = logits.argmax(-1)
+        for i, s in enumerate(seqs):
+            if not greedy[i]:
+                picked[i] = torch.multinomial(probs[i], 1, generator=s.generator)[0]
+        return picked
+
+    def _push(self, seq: _Sequence, token: int) -> Delta:
+        """Append a token to a row; return the text that is now safe to hand out."""
+        if token == self.eos_id:
+            seq.finish_reason = "stop"
+            text = self._decode(seq)
+            return self._emit(seq, len(text), text)
+        seq.ids.append(token)
+        text = self._decode(seq)
+        for stop in seq.params.stop:
+            at = text.find(stop, max(0, seq.emitted - len(stop)))
+            if at != -1:
+                seq.finish_reason = "stop"
+                return self._emit(seq, at, text)
+        if len(seq.ids) >= seq.params.max_tokens:
+            seq.finish_reason = "length"
+            return self._emit(seq, len(text), text)
+        # Hold back a partial UTF-8 character, and any tail that could be the start of a stop string.
+        safe = len(text.rstrip("\ufffd"))
+        for stop in seq.params.stop:
+            for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        return self._emit(seq, max(safe, seq.emitted), text)
+
+    def _decode(self, seq: _Sequence) -> str:
+        return self.tokenizer.decode(seq.ids, skip_special_tokens=True)
+
+    @staticmethod
+    def _emit(seq: _Sequence, upto: int, text: str) -> Delta:
+        delta = text[seq.emitted : upto] if upto > seq.emitted else ""
+        seq.emitted = max(seq.emitted, upto)
+        return Delta(delta, len(seq.ids), seq.finish_reason)
+
+    def complete(self, prompt: str, params: SamplingParams, adapter: str | None = None) -> str:
+        """Generate one completion to the end (a convenience for scripts and tests)."""
+        text = ""
+        for step in self.generate([self.encode(prompt)], [params], adapter):
+            if step[0] is not None:
+                text += step[0].text
+        return text
+
+    def perplexity(self, texts: list[str], window: int | None = None, batch_size: int = 16) -> float:
+        """exp(mean next-token loss) over texts joined by eos and cut into full windows (the context by
+        default): the quantization quality check."""
+        window = min(window or self.context_length, self.context_length)
+        ids = [t for text in texts for t in [*self.encode(text), self.eos_id]]
+        n = len(ids) // window
+        if n == 0:
+            raise ValueError(f"perplexity needs at least {window} tokens of text, got {len(ids)}")
+        chunks = torch.tensor(ids[: n * window]).view(n, window)
+        total = 0.0
+        for start in range(0, n, batch_size):
+            x = chunks[start : start + batch_size].to(self.device)
+            logits = self._forward(None, input_ids=x).logits.float()
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum"
+                )
+            )
+        return float(torch.exp(torch.tensor(total / (n * (window - 1)))))
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(seed if seed is not None else random.getrandbits(63))
+    return gen

@@ -1,0 +1,109 @@
+"""`raylm serve RECIPE`: deploy the model on Ray Serve, print the URL, block until Ctrl-C.
+
+Also writes `<run_dir>/serve/serve_config.yaml`, the same application as a Ray Serve config file, so an
+operator can run it on a cluster with `serve deploy` (and change batching there through user_config).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import yaml
+
+from core import storage
+from core.config import PlatformConfig, join
+from core.errors import ConfigError
+from serving.config import ServeConfig
+from serving.engine import check_model_dir
+
+log = logging.getLogger("raylm")
+
+
+def served_model_id(cfg: PlatformConfig) -> str:
+    return cfg.serve.model_id or cfg.name
+
+
+def api_key_hashes(env_name: str | None) -> list[str]:
+    """SHA-256 digests of the keys in $env_name: replicas and config files only ever see digests."""
+    from serving.app import hash_key
+
+    if env_name is None:
+        return []
+    keys = [k.strip() for k in os.environ.get(env_name, "").split(",") if k.strip()]
+    if not keys:
+        raise ConfigError(f"serve.http.api_key_env names ${env_name}, but it is unset or empty")
+    return [hash_key(k) for k in keys]
+
+
+def serve_config(cfg: ServeConfig, model_id: str, api_key_sha256: list[str]) -> dict[str, Any]:
+    """A Ray Serve config file (for `serve deploy`) describing the same application as `raylm serve`."""
+    from serving.app import DEPLOYMENT_NAME, deployment_options, init_config
+
+    options = deployment_options(cfg)
+    deployment: dict[str, Any] = {"name": DEPLOYMENT_NAME, **options}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.http.host, "port": cfg.http.port},
+        "applications": [
+            {
+                "name": cfg.app_name,
+                "route_prefix": cfg.http.route_prefix,
+                "import_path": "serving.app:build_from_args",
+                "args": {"serve": init_config(cfg), "model_id": model_id, "api_key_sha256": api_key_sha256},
+                # Listed again so operators can edit them here; user_config changes apply without a restart.
+                "deployments": [deployment],
+            }
+        ],
+    }
+
+
+def write_serve_config(cfg: ServeConfig, model_id: str, api_key_sha256: list[str], path: str) -> str:
+    storage.write_text(path, yaml.safe_dump(serve_config(cfg, model_id, api_key_sha256), sort_keys=False))
+    return path
+
+
+def base_url(cfg: ServeConfig) -> str:
+    return f"http://{cfg.http.host}:{cfg.http.port}{cfg.http.route_prefix.rstrip('/')}/v1"
+
+
+def start(cfg: ServeConfig, model_id: str, api_key_sha256: list[str] | None = None) -> str:
+    """Deploy on the running Ray (non-blocking) and return the OpenAI base URL."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    check_model_dir(cfg.model)
+    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
+    serve.run(
+        build_app(cfg, model_id, api_key_sha256),
+        name=cfg.app_name,
+        route_prefix=cfg.http.route_prefix,
+        blocking=False,
+    )
+    return base_url(cfg)
+
+
+def run(cfg: PlatformConfig) -> None:
+    """Serve cfg.serve until interrupted. Ray is already initialised by the CLI."""
+    from ray import serve
+
+    sc = cfg.serve
+    if storage.is_remote(sc.model):
+        raise ConfigError(
+            f"serve.model must be a local folder, got {sc.model} (copy the export to local disk)"
+        )
+    check_model_dir(sc.model)
+    model_id = served_model_id(cfg)
+    hashes = api_key_hashes(sc.http.api_key_env)
+    config_path = write_serve_config(sc, model_id, hashes, join(cfg.run_dir, "serve", "serve_config.yaml"))
+    url = start(sc, model_id, hashes)
+    print(f"raylm: serving '{model_id}' at {url} (OpenAI API; Ctrl-C to stop)", flush=True)
+    print(f"raylm: Ray Serve config for `serve deploy`: {config_path}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()

@@ -1,0 +1,127 @@
+"""engine.py without Ray: batched generation is exact, sampling controls work, quantized models load."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.engine import Engine, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, tiny_adapters):
+    eng = Engine(tiny_model_dir)
+    for name, path in tiny_adapters.items():
+        eng.load_adapter(name, path)
+    return eng
+
+
+def run(engine: Engine, prompts: list[str], params: list[SamplingParams], adapter=None) -> list[str]:
+    texts = [""] * len(prompts)
+    for step in engine.generate([engine.encode(p) for p in prompts], params, adapter):
+        for i, delta in enumerate(step):
+            if delta is not None:
+                texts[i] += delta.text
+    return texts
+
+
+def test_left_padded_batch_equals_one_by_one(engine):
+    prompts = ["the", "data train cluster worker token shard", "river mountain"]
+    params = [
+        GREEDY,
+        SamplingParams(max_tokens=3, temperature=0),
+        SamplingParams(max_tokens=7, temperature=0),
+    ]
+    alone = [run(engine, [p], [sp])[0] for p, sp in zip(prompts, params)]
+    assert run(engine, prompts, params) == alone
+
+
+def test_rows_finish_on_their_own_length(engine):
+    steps = list(
+        engine.generate(
+            [engine.encode("the city")] * 2,
+            [SamplingParams(max_tokens=2, temperature=0), SamplingParams(max_tokens=5, temperature=0)],
+        )
+    )
+    assert len(steps) == 5
+    assert steps[1][0].finish_reason == "length" and steps[1][0].completion_tokens == 2
+    assert steps[2][0] is None and steps[4][1].completion_tokens == 5
+
+
+def test_seed_makes_sampling_reproducible(engine):
+    sp = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=3)
+    assert run(engine, ["the road"], [sp]) == run(engine, ["the road"], [sp])
+    others = {run(engine, ["the road"], [SamplingParams(12, 1.0, 0.95, (), s)])[0] for s in range(4)}
+    assert len(others) > 1
+
+
+def test_stop_sequence_cuts_the_text(engine):
+    full = run(engine, ["the garden"], [SamplingParams(max_tokens=16, temperature=0)])[0]
+    stop = next(full[i : i + 2] for i in range(2, len(full) - 2) if "\ufffd" not in full[i : i + 2])
+    steps = list(engine.generate([engine.encode("the garden")], [SamplingParams(16, 0, 1.0, (stop,))]))
+    text = "".join(s[0].text for s in steps if s[0] is not None)
+    assert text == full[: full.index(stop)]
+    assert steps[-1][0].finish_reason == "stop"
+
+
+def test_adapters_change_outputs_and_leave_base_intact(engine):
+    base = run(engine, ["the river"], [GREEDY])
+    outs = [run(engine, ["the river"], [GREEDY], a)[0] for a in ("lora-a", "lora-b")]
+    assert len({base[0], *outs}) == 3
+    assert run(engine, ["the river"], [GREEDY]) == base
+
+
+def test_unknown_adapter_is_refused(engine):
+    with pytest.raises(KeyError):
+        engine.generate([engine.encode("a")], [GREEDY], "missing")
+
+
+def test_default_chat_template(engine):
+    text = engine.render_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert text == "System: be brief\nUser: hi\nAssistant:"
+    assert engine.uses_default_template
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["int8", "nf4"])
+def test_quantized_model_loads_answers_and_is_smaller(tiny_model_dir, engine, method):
+    quant = Engine(tiny_model_dir, quantization=method)
+    assert quant.memory_footprint() < engine.memory_footprint()
+    assert len(run(quant, ["the model"], [GREEDY])[0]) > 0
+    texts = ["the model of the data train river mountain garden window letter"] * 8
+    # random weights give a near-uniform model, so quantization error must barely move perplexity
+    assert quant.perplexity(texts, window=32) == pytest.approx(engine.perplexity(texts, window=32), rel=0.05)
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    from core.errors import InputError
+
+    with pytest.raises(InputError, match="does not exist"):
+        Engine(str(tmp_path / "nope"))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(InputError, match="safetensors"):
+        Engine(str(tmp_path))
+
+
+def test_rows_joining_a_running_batch_decode_as_if_alone(engine):
+    """Iteration-level batching: a prompt prefilled mid-generation and merged into the running batch
+    (KV cache left-padded) produces exactly what it produces alone."""
+    a, b = "data train cluster worker token shard", "the"
+    alone = {p: run(engine, [p], [GREEDY])[0] for p in (a, b)}
+    texts = {a: "", b: ""}
+    batch, deltas = engine.prefill([engine.encode(a)], [GREEDY], None, [a])
+    for _ in range(3):
+        for tag, delta in deltas:
+            texts[tag] += delta.text
+        deltas = engine.step(batch)
+    late, late_deltas = engine.prefill([engine.encode(b)], [GREEDY], None, [b])
+    engine.merge(batch, late)
+    deltas += late_deltas
+    while True:
+        for tag, delta in deltas:
+            texts[tag] += delta.text
+        if not batch.seqs:
+            break
+        deltas = engine.step(batch)
+    assert texts == alone
