@@ -156,6 +156,20 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+def _response(
+    rid: str, obj: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    """The envelope shared by completion and chat responses."""
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
 def completion_body(
     rid: str,
     model: str,
@@ -164,17 +178,11 @@ def completion_body(
     prompt_tokens: int,
     completion_tokens: int,
 ) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": i, "text": t, "logprobs": None, "finish_reason": r}
-            for i, (t, r) in enumerate(zip(texts, reasons))
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    choices = [
+        {"index": i, "text": t, "logprobs": None, "finish_reason": r}
+        for i, (t, r) in enumerate(zip(texts, reasons))
+    ]
+    return _response(rid, "text_completion", model, choices, prompt_tokens, completion_tokens)
 
 
 def chat_body(
@@ -185,17 +193,11 @@ def chat_body(
     prompt_tokens: int,
     completion_tokens: int,
 ) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
-            for i, (t, r) in enumerate(zip(texts, reasons))
-        ],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    choices = [
+        {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+        for i, (t, r) in enumerate(zip(texts, reasons))
+    ]
+    return _response(rid, "chat.completion", model, choices, prompt_tokens, completion_tokens)
 
 
 def completion_chunk(rid: str, model: str, index: int, text: str, reason: str | None) -> dict[str, Any]:
