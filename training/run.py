@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 from core import lineage, storage
@@ -156,6 +158,10 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
     trainer = build_trainer(t, config, read_datasets(t.data_dir))
     from ray.train import TrainingFailedError
 
+    # Ray Train installs a SIGINT handler for the run and leaves it in place afterwards; restoring the
+    # previous one keeps Ctrl-C working for the stages that follow in the same command (`raylm run`
+    # serves after training, and without this Ctrl-C would only "abort" the finished training run).
+    previous_sigint = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
@@ -165,6 +171,9 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
             if isinstance(cause, ckpt.CheckpointReadError):
                 raise ckpt.CheckpointReadError(str(cause)) from None
         raise TrainingFailed(f"training failed after {t.checkpoint.max_failures} restarts: {exc}") from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_sigint)
 
     final = dict(result.metrics or {})
     summary = {

@@ -25,7 +25,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def reference_run(ray_cluster, curated_dir, tmp_path_factory):
     cfg = tiny_run(curated_dir, tmp_path_factory.mktemp("ref"))
+    before = signal.getsignal(signal.SIGINT)
     manifest = run(cfg)
+    # Ray Train leaves its own SIGINT handler behind; run() must restore ours, or Ctrl-C could not
+    # stop the serve stage that `raylm run` starts after training.
+    assert signal.getsignal(signal.SIGINT) is before
     return cfg, manifest, history(cfg)
 
 
