@@ -114,6 +114,7 @@ def run_datasketch(paths: list[str], out: str) -> dict:
 
     from pipelines.config import NearDedupConfig
     from pipelines.dedup.minhash import shingle_sets
+    from pipelines.synthetic import union_find
 
     cfg = NearDedupConfig()
     with PeakMemory() as memory:
@@ -131,20 +132,10 @@ def run_datasketch(paths: list[str], out: str) -> dict:
                     lsh.insert(row["id"], m)
                     ids.append(row["id"])
                     signatures.append(m)
-        parent = {i: i for i in ids}
-
-        def find(x: str) -> str:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        for doc_id, m in zip(ids, signatures):
-            for other in lsh.query(m):
-                a, b = find(doc_id), find(other)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)  # the root is the smallest id, as in raylm
-        roots = [find(i) for i in ids]
+        cluster_of = union_find(
+            ids, [(doc_id, other) for doc_id, m in zip(ids, signatures) for other in lsh.query(m)]
+        )
+        roots = [cluster_of[i] for i in ids]
         pq.write_table(
             pa.table({"id": ids, "cluster_id": roots, "kept": [i == r for i, r in zip(ids, roots)]}), out
         )

@@ -188,8 +188,8 @@ def write_corpus(
     return paths
 
 
-def _components(ids: list[str], edges: list[tuple[str, str]]) -> dict[str, str]:
-    """Union-find: id -> representative of its connected component."""
+def union_find(ids: list[str], edges: list[tuple[str, str]]) -> dict[str, str]:
+    """Union-find: id -> representative of its connected component (the smallest id, as in raylm)."""
     parent = {i: i for i in ids}
 
     def find(x: str) -> str:
@@ -222,7 +222,7 @@ def score_clusters(
     `direct_recall` is the fraction of pairs with Jaccard >= threshold that share a predicted cluster.
     """
     ids = list(cluster_of)
-    truth = _components(ids, [(a, b) for a, b, j in pairs if j >= threshold])
+    truth = union_find(ids, [(a, b) for a, b, j in pairs if j >= threshold])
     predicted = _same_cluster_pairs(cluster_of)
     true = _same_cluster_pairs(truth)
     both = _same_cluster_pairs({i: f"{cluster_of[i]}\0{truth[i]}" for i in ids})
