@@ -29,6 +29,7 @@ from pipelines.normalize import Normalize, ScrubPII
 from pipelines.pack import SPLITS, add_bucket, eval_split, num_buckets, pack_group
 from pipelines.summary import StageRow, render_summary
 from pipelines.tokenize import Tokenize, load_tokenizer, train_tokenizer
+from pipelines.write import write_shards, write_table
 
 log = logging.getLogger("raylm")
 
@@ -204,10 +205,8 @@ def run(cfg: PlatformConfig) -> dict:
         n_exact = survivors.count()
         times.lap("exact_dedup")
         near = _near_clusters(survivors, data).materialize()
-        write_table_ds = _cluster_table(exact_dups, near, parts)
-        from pipelines.write import write_shards, write_table
-
-        n_clustered = write_table(write_table_ds, f"{tmp}/dedup", "clusters.parquet")
+        clusters = _cluster_table(exact_dups, near, parts)
+        n_clustered = write_table(clusters, f"{tmp}/dedup", "clusters.parquet")
         keep_ids = near.filter(expr="kept").select_columns(["id"])
         final = survivors.join(keep_ids, join_type="inner", num_partitions=parts, on=("id",))
         final = final.map_batches(
@@ -265,13 +264,12 @@ def run(cfg: PlatformConfig) -> dict:
             "after_exact_dedup": n_exact,
             "after_near_dedup": n_final,
             "clustered_documents": n_clustered,
-            "eval_documents": None,
+            "eval_documents": final.filter(expr="split == 'eval'").count(),
             "tokens": n_tokens,
             "packed_tokens": packed_tokens,
             "tokens_dropped_in_packing": n_tokens - packed_tokens,
             "sequences": sequences,
         }
-        counts["eval_documents"] = final.filter(expr="split == 'eval'").count()
         stage_rows = [
             StageRow("read", n_read, n_valid, times.seconds["read_clean_filter"], in_bytes),
             StageRow("normalize", n_valid, n_normalized),
