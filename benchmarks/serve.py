@@ -8,7 +8,7 @@ All in one run, on the same model, with the same HTTP client:
      docstrings, read with `ast`, so nothing is downloaded), then the perplexity of its int8 and nf4
      loads on held-out text is compared with fp32, with each load's memory footprint.
 
-    .venv/bin/python benchmarks/serve.py --out .bench/serve.json        # ~10 min on 2 cores
+    .venv/bin/python benchmarks/serve.py --out .bench/serve.json        # ~6 min on 2 cores
 
 The throughput model is a random-init Llama (default ~29M parameters, fp32) whose eos logit row is zeroed,
 so greedy decoding never stops early and every request produces exactly --max-tokens tokens.
@@ -184,10 +184,10 @@ def summarise(concurrency: int, runs: list[dict]) -> dict:
 
 def interleaved(
     systems: dict[str, tuple[str, str]], prompts: list[str], levels: dict[int, int], max_tokens: int
-) -> dict[str, dict[int, dict]]:
+) -> dict[str, dict[int, list[dict]]]:
     """Every system at every concurrency, one wave of `concurrency` requests at a time, the systems taking
     turns wave by wave (rotating who goes first): a slow spell on this shared machine then hits all of
-    them alike instead of whichever happened to be running."""
+    them alike instead of whichever happened to be running. Returns each system's waves per level."""
     for url, model in systems.values():  # warm-up, not measured
         asyncio.run(load(url, model, prompts[:2], 1, max_tokens))
     raw: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in levels} for name in systems}
@@ -200,7 +200,27 @@ def interleaved(
                 raw[name][conc].append(asyncio.run(load(url, model, batch, conc, max_tokens)))
         for name in names:
             print(f"    {name} c={conc}: {summarise(conc, raw[name][conc])}", flush=True)
-    return {name: {c: summarise(c, runs) for c, runs in by_level.items()} for name, by_level in raw.items()}
+    return raw
+
+
+def paired(raw: dict[str, dict[int, list[dict]]], system: str, other: str, conc: int) -> dict:
+    """Wave-by-wave comparison of two systems (the waves ran back to back with the same prompts): the median
+    of the per-wave throughput ratios and of the per-wave p50 differences. Pairing removes most of the
+    machine's drift, which moves absolute figures by 10-20% from minute to minute on a shared VM."""
+    ratios, added = [], []
+    for mine, theirs in zip(raw[system][conc], raw[other][conc]):
+        a, b = summarise(conc, [mine]), summarise(conc, [theirs])
+        if a["tokens_per_s"] and b["tokens_per_s"]:
+            ratios.append(a["tokens_per_s"] / b["tokens_per_s"])
+            added.append(a["p50_ms"] - b["p50_ms"])
+    if not ratios:
+        return {}
+    return {
+        "waves": len(ratios),
+        "throughput_ratio_median": round(float(np.median(ratios)), 3),
+        "throughput_ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+        "p50_added_ms_median": round(float(np.median(added)), 1),
+    }
 
 
 def free_port() -> int:
@@ -294,7 +314,7 @@ def run_throughput(
     max_tokens: int,
     cpus: int,
     with_peer: bool,
-) -> dict:
+) -> tuple[dict, dict]:
     import ray
     from ray import serve
 
@@ -305,11 +325,15 @@ def run_throughput(
             peer, procs = start_peer(model_dir)
             systems.update(peer)
         print(f"  systems: {systems}", flush=True)
-        results = interleaved(systems, prompts, levels, max_tokens)
+        raw = interleaved(systems, prompts, levels, max_tokens)
+        results: dict = {
+            name: {c: summarise(c, runs) for c, runs in by_level.items()} for name, by_level in raw.items()
+        }
         for name in RAYLM_BATCHING:
             stats = serve.get_deployment_handle("LLMServer", app_name=name).stats.remote().result()
             results[name]["batch_sizes"] = stats["batch_sizes"]
-        return results
+            results[name]["packed_prefill"] = stats["packed_prefill"]
+        return results, raw
     finally:
         for proc in procs:
             proc.terminate()
@@ -360,13 +384,16 @@ def memory_footprints(model_dir: str) -> dict[str, int | str]:
     return out
 
 
-def ratios(results: dict, levels: dict[int, int]) -> dict:
+def ratios(results: dict, raw: dict, levels: dict[int, int]) -> dict:
+    """raylm batched against unbatched raylm and against each peer, per concurrency: ratios of the pooled
+    figures, and the paired wave-by-wave medians (the ones to quote)."""
     out = {}
     for c in levels:
         b, u = results["raylm_batched"][c], results["raylm_unbatched"][c]
         row = {
             "batched_vs_unbatched_throughput": round(b["tokens_per_s"] / u["tokens_per_s"], 2),
             "batched_minus_unbatched_p50_ms": round(b["p50_ms"] - u["p50_ms"], 1),
+            "paired_vs_raylm_unbatched": paired(raw, "raylm_batched", "raylm_unbatched", c),
         }
         for name in PEER_FLAGS:
             peer = results.get(name, {}).get(c)
@@ -374,6 +401,7 @@ def ratios(results: dict, levels: dict[int, int]) -> dict:
                 row[f"throughput_vs_{name}"] = round(b["tokens_per_s"] / peer["tokens_per_s"], 2)
                 row[f"p50_vs_{name}"] = round(b["p50_ms"] / peer["p50_ms"], 2)
                 row[f"p99_vs_{name}"] = round(b["p99_ms"] / peer["p99_ms"], 2)
+                row[f"paired_vs_{name}"] = paired(raw, "raylm_batched", name, c)
         out[c] = row
     return out
 
@@ -384,7 +412,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--requests", default="1:6,8:16,32:64", help="concurrency:requests pairs")
+    p.add_argument("--requests", default="1:40,8:32,32:128", help="concurrency:requests pairs")
     p.add_argument("--train-steps", type=int, default=250)
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 2, help="CPUs given to the raylm replica")
     p.add_argument("--skip-peer", action="store_true")
@@ -417,10 +445,10 @@ def main() -> None:
         "levels": levels,
     }
     print("throughput (systems interleaved wave by wave):", flush=True)
-    result["throughput"] = run_throughput(
+    result["throughput"], raw = run_throughput(
         model_dir, prompts, levels, args.max_tokens, args.cpus, not args.skip_peer
     )
-    result["ratios"] = ratios(result["throughput"], levels)
+    result["ratios"] = ratios(result["throughput"], raw, levels)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2, default=str))  # again at the end, complete
 

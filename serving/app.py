@@ -181,11 +181,7 @@ class _Scheduler:
     async def _loop(self) -> None:
         engine = self.server.engine
         while self.pending or self.active:
-            rows = sum(len(b.seqs) for b in self.active)
-            while self.pending and (
-                rows == 0 or rows + len(self.pending[0].prompts) <= self.server.max_batch_size
-            ):
-                admission = self.pending.popleft()
+            for admission in self._admit():
                 try:
                     if admission.adapter is not None:
                         await self.server.get_adapter(admission.adapter)  # (re)load; refreshes its LRU slot
@@ -203,7 +199,6 @@ class _Scheduler:
                         self.active.append(batch)
                     else:
                         await self._engine(engine.merge, running, batch)
-                rows = sum(len(b.seqs) for b in self.active)
             for batch in list(self.active):
                 self.server.record_batch(len(batch.seqs), batch.adapter)
                 try:
@@ -215,6 +210,25 @@ class _Scheduler:
                 self._deliver(deltas)
                 if not batch.seqs:
                     self.active.remove(batch)
+
+    def _admit(self) -> list[_Admission]:
+        """Take the queued admissions that fit next to the running rows, combined per adapter: everything
+        that arrived during the last step is prefilled together, in as few padded passes as pays."""
+        rows = sum(len(b.seqs) for b in self.active)
+        combined: dict[str | None, _Admission] = {}
+        while self.pending and (
+            rows == 0 or rows + len(self.pending[0].prompts) <= self.server.max_batch_size
+        ):
+            admission = self.pending.popleft()
+            rows += len(admission.prompts)
+            if admission.adapter in combined:
+                into = combined[admission.adapter]
+                into.prompts += admission.prompts
+                into.params += admission.params
+                into.tags += admission.tags
+            else:
+                combined[admission.adapter] = admission
+        return list(combined.values())
 
     @staticmethod
     def _deliver(deltas: list[tuple[Any, Delta]]) -> None:
@@ -294,6 +308,7 @@ class LLMServer:
             "batch_wait_timeout_s": self._generate_batch._get_batch_wait_timeout_s(),
             "memory_bytes": self.engine.memory_footprint(),
             "loaded_adapters": list(self.engine.adapters),
+            "packed_prefill": self.engine.packed_prefill,
             "pid": os.getpid(),
         }
 

@@ -1,11 +1,12 @@
 """Load an HF causal LM (optionally bitsandbytes-quantized, with LoRA adapters) and generate in batches.
 
 No Ray here: app.py wraps this in a Serve deployment. Generation works on a `DecodeBatch`: `prefill`
-left-pads prompts and runs them once, `step` decodes one token for every row with the KV cache, and rows
-that finish leave the batch (and the cache). `merge` appends a freshly prefilled batch to a running one
-(the shorter KV history is left-padded and masked), which is what lets the server add requests between
-two steps. `generate` wraps all this as a plain generator for scripts and tests. Nothing here is
-thread-safe: the caller runs every call on one thread.
+runs the prompts packed into one row (no padding computed), `step` decodes one
+token for every row with the KV cache (appended in place, kv_cache.py), and rows that finish leave the
+batch (and the cache). `merge` appends a freshly prefilled batch to a running one (the shorter KV history
+is left-padded and masked), which is what lets the server add requests between two steps. `generate`
+wraps all this as a plain generator for scripts and tests. Nothing here is thread-safe: the caller runs
+every call on one thread.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from core.errors import InputError
+from serving import kv_cache
 
 log = logging.getLogger("raylm")
 
@@ -34,6 +36,9 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 DEFAULT_CHAT_STOP = "\nUser:"
+
+# Prompts per prefill pass are capped by their total tokens: a packed pass holds a tokens x tokens mask.
+PREFILL_PASS_TOKENS = 2048
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -176,6 +181,7 @@ class Engine:
         self._in_use: Counter[str] = Counter()
         self._unload_pending: set[str] = set()
         self._warm_up(quantization)
+        self.packed_prefill = self._packed_prefill_works()
 
     def _warm_up(self, quantization: str) -> None:
         """One forward pass at load time, so a model that cannot run here (e.g. a layer shape a
@@ -267,33 +273,111 @@ class Engine:
     def prefill(
         self, prompts: list[list[int]], params: list[SamplingParams], adapter: str | None, tags: list[Any]
     ) -> tuple[DecodeBatch, list[tuple[Any, Delta]]]:
-        """Run the prompts (left-padded) through the model and sample each row's first token.
+        """Run the prompts through the model and sample each row's first token.
 
-        Returns the batch to keep decoding (rows already finished are dropped) and (tag, Delta) per row.
+        Prompts are prefilled packed: back to back in one row, each attending only to itself, so no
+        padding is computed (left-padding 32 prompts of 10-55 tokens computes 2.2x the tokens). Returns the
+        batch to keep decoding, one left-padded row per prompt (rows already finished are dropped), and
+        (tag, Delta) per row.
         """
         if adapter is not None and adapter not in self.adapters:
             raise KeyError(f"adapter {adapter!r} is not loaded")
+        batch, deltas = None, []
+        for rows in _token_budget_chunks([len(p) for p in prompts], PREFILL_PASS_TOKENS):
+            part, first = self._prefill_pass(
+                [prompts[i] for i in rows], [params[i] for i in rows], adapter, [tags[i] for i in rows]
+            )
+            deltas += first
+            if batch is None or not batch.seqs:
+                batch = part
+            elif part.seqs:
+                self.merge(batch, part)
+        assert batch is not None, "prefill needs at least one prompt"
+        return batch, deltas
+
+    def _prefill_pass(
+        self, prompts: list[list[int]], params: list[SamplingParams], adapter: str | None, tags: list[Any]
+    ) -> tuple[DecodeBatch, list[tuple[Any, Delta]]]:
         seqs = [_Sequence(p, sp, _generator(sp.seed)) for p, sp in zip(prompts, params)]
+        lengths = torch.tensor([len(p) for p in prompts])
+        width = int(lengths.max())
+        forward = self._packed_forward if self.packed_prefill else self._padded_forward
+        logits, cache = forward(prompts, adapter, room=max(sp.max_tokens for sp in params))
+        # The decode-time view of every row: left-padded to the longest prompt, next position = length.
+        mask = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long().to(self.device)
+        positions = (lengths - 1)[:, None].to(self.device)
+        if adapter is not None:  # an LRU eviction of this adapter now waits until these rows finish
+            self._in_use[adapter] += len(seqs)
+        batch = DecodeBatch(adapter, seqs, list(tags), cache, mask, positions, None)
+        return batch, self._advance(batch, logits)
+
+    def _packed_forward(
+        self, prompts: list[list[int]], adapter: str | None, room: int
+    ) -> tuple[torch.Tensor, Any]:
+        """All prompts in one row with per-prompt positions and a block-diagonal causal mask; returns each
+        prompt's last logits and a cache split into left-padded rows with `room` slots to grow."""
+        lengths = torch.tensor([len(p) for p in prompts])
+        out = self._forward(
+            adapter,
+            input_ids=torch.tensor([[t for p in prompts for t in p]], device=self.device),
+            position_ids=torch.cat([torch.arange(n) for n in lengths.tolist()])[None].to(self.device),
+            attention_mask=self._block_causal_mask(lengths),
+            use_cache=True,
+            logits_to_keep=(lengths.cumsum(0) - 1).to(self.device),
+        )
+        kv_cache.unpack_rows(out.past_key_values, lengths.tolist(), room)
+        return out.logits[0], out.past_key_values
+
+    def _block_causal_mask(self, lengths: torch.Tensor) -> torch.Tensor | None:
+        """[1, 1, total, total]: each token sees the earlier tokens of its own prompt. None for a single
+        prompt: plain causal attention, and no total x total mask for a long one."""
+        if len(lengths) == 1:
+            return None
+        segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        allowed = (segment[:, None] == segment[None, :]).tril()
+        if self.model.config._attn_implementation != "sdpa":  # eager and others add the mask to scores
+            allowed = torch.zeros(allowed.shape, dtype=self.model.dtype).masked_fill(
+                ~allowed, torch.finfo(self.model.dtype).min
+            )
+        return allowed[None, None].to(self.device)
+
+    def _padded_forward(
+        self, prompts: list[list[int]], adapter: str | None, room: int
+    ) -> tuple[torch.Tensor, Any]:
+        """The fallback for models whose attention ignores a custom mask: one left-padded row per prompt."""
         width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
             input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        input_ids, mask, positions = (t.to(self.device) for t in (input_ids, mask, positions))
         out = self._forward(
             adapter,
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
+            input_ids=input_ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=positions.to(self.device),
             use_cache=True,
             logits_to_keep=1,
         )
-        if adapter is not None:  # an LRU eviction of this adapter now waits until these rows finish
-            self._in_use[adapter] += len(seqs)
-        batch = DecodeBatch(adapter, seqs, list(tags), out.past_key_values, mask, positions[:, -1:], None)
-        return batch, self._advance(batch, out.logits[:, -1, :])
+        kv_cache.reserve(out.past_key_values, room)
+        return out.logits[:, -1, :], out.past_key_values
+
+    def _packed_prefill_works(self) -> bool:
+        """Whether this model honours the packed prefill's mask: two prompts packed must give the logits
+        they give alone. A model whose attention ignores custom masks would let them see each other."""
+        prompts = [[self.eos_id], [self.eos_id, self.pad_id, self.eos_id]]
+        try:
+            packed, _ = self._packed_forward(prompts, None, room=0)
+        except Exception as exc:
+            log.warning("packed prefill does not run on this model (%s); prefilling left-padded", exc)
+            return False
+        alone = torch.stack([self._padded_forward([p], None, room=0)[0][0] for p in prompts]).float()
+        tolerance = 1e-3 if self.model.dtype == torch.float32 and self.quantization == "none" else 5e-2
+        works = bool((packed.float() - alone).abs().max() <= tolerance * alone.abs().max().clamp(min=1))
+        if not works:
+            log.warning("packed prefill changes this model's outputs; prefilling left-padded")
+        return works
 
     def step(self, batch: DecodeBatch) -> list[tuple[Any, Delta]]:
         """One decoding step for every row of the batch; finished rows leave it."""
@@ -318,22 +402,15 @@ class Engine:
             raise ValueError("only batches on the same adapter can be merged")
         width = max(into.mask.shape[1], other.mask.shape[1])
 
-        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            missing = width - t.shape[dim]
-            if missing == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (width - t.shape[1], 0))
 
-        for mine, theirs in zip(into.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([pad(mine.keys, -2), pad(theirs.keys, -2)], dim=0)
-            mine.values = torch.cat([pad(mine.values, -2), pad(theirs.values, -2)], dim=0)
-        into.mask = torch.cat([pad(into.mask, 1), pad(other.mask, 1)], dim=0)
-        into.positions = torch.cat([into.positions, other.positions], dim=0)
-        into.tokens = torch.cat([into.tokens, other.tokens], dim=0)
         into.seqs += other.seqs
         into.tags += other.tags
+        kv_cache.stack_rows(into.cache, other.cache, width, _room(into))
+        into.mask = torch.cat([pad(into.mask), pad(other.mask)], dim=0)
+        into.positions = torch.cat([into.positions, other.positions], dim=0)
+        into.tokens = torch.cat([into.tokens, other.tokens], dim=0)
 
     def _advance(self, batch: DecodeBatch, logits: torch.Tensor) -> list[tuple[Any, Delta]]:
         """Sample the next token of every row, turn it into text, and drop the rows that finished."""
@@ -444,6 +521,24 @@ class Engine:
                 )
             )
         return float(torch.exp(torch.tensor(total / (n * (window - 1)))))
+
+
+def _token_budget_chunks(lengths: list[int], budget: int) -> list[list[int]]:
+    """Consecutive rows, as many per chunk as fit in `budget` tokens (a longer prompt gets a chunk alone)."""
+    chunks: list[list[int]] = []
+    used = budget
+    for i, n in enumerate(lengths):
+        if used + n > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(i)
+        used += n
+    return chunks
+
+
+def _room(batch: DecodeBatch) -> int:
+    """Tokens the batch may still generate: the most any of its rows has left."""
+    return max((s.params.max_tokens - len(s.ids) for s in batch.seqs), default=0)
 
 
 def _generator(seed: int | None) -> torch.Generator:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.engine import Engine, SamplingParams
+from serving.engine import Engine, SamplingParams, _token_budget_chunks
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0)
 
@@ -125,3 +125,34 @@ def test_rows_joining_a_running_batch_decode_as_if_alone(engine):
             break
         deltas = engine.step(batch)
     assert texts == alone
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_packed_and_padded_prefill_match_one_by_one(engine, packed, monkeypatch):
+    prompts = ["the", "data train cluster worker token shard", "river mountain", "the city", "a"]
+    alone = [run(engine, [p], [GREEDY])[0] for p in prompts]
+    monkeypatch.setattr(engine, "packed_prefill", packed)
+    assert run(engine, prompts, [GREEDY] * len(prompts)) == alone
+
+
+def test_prefill_passes_respect_the_token_budget(engine, monkeypatch):
+    import serving.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_PASS_TOKENS", 4)
+    prompts = ["the", "data train cluster worker token shard", "river mountain", "the city"]
+    alone = [run(engine, [p], [GREEDY])[0] for p in prompts]
+    assert run(engine, prompts, [GREEDY] * len(prompts)) == alone
+    assert _token_budget_chunks([3, 7, 2, 2, 1], 4) == [[0], [1], [2, 3], [4]]
+
+
+def test_packed_prefill_is_used_only_where_the_model_honours_its_mask(engine, monkeypatch):
+    assert engine.packed_prefill  # Llama with sdpa does
+    forward = engine._forward
+
+    def mask_ignored(adapter, **inputs):  # what a model with its own attention code might do
+        if inputs.get("attention_mask") is not None and inputs["attention_mask"].dim() == 4:
+            inputs["attention_mask"] = None
+        return forward(adapter, **inputs)
+
+    monkeypatch.setattr(engine, "_forward", mask_ignored)
+    assert not engine._packed_prefill_works()
