@@ -1,4 +1,4 @@
-"""`raylm serve RECIPE`: deploy the model on Ray Serve, print the URL, block until Ctrl-C.
+"""`raylm serve RECIPE`: deploy the model on Ray Serve, print the URL, block until Ctrl-C or SIGTERM.
 
 Also writes `<run_dir>/serve/serve_config.yaml`, the same application as a Ray Serve config file, so an
 operator can run it on a cluster with `serve deploy` (and change batching there through user_config).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from typing import Any
 
@@ -102,8 +103,22 @@ def run(cfg: PlatformConfig) -> None:
     url = start(sc, model_id, hashes)
     print(f"raylm: serving '{model_id}' at {url} (OpenAI API; Ctrl-C to stop)", flush=True)
     print(f"raylm: Ray Serve config for `serve deploy`: {config_path}", flush=True)
+    previous_sigterm = _stop_on_sigterm()
     try:
         while True:
             time.sleep(3600)
     finally:
-        serve.shutdown()
+        # Only this application: on a shared cluster other Serve applications keep running.
+        serve.delete(sc.app_name)
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM end the serve stage like Ctrl-C does, so the application is shut down on the way out.
+    `ray job stop` sends SIGTERM, and on a cluster a Serve application outlives the driver that started
+    it: without this, stopping the job would leave the model serving. Returns the handler it replaced."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
