@@ -61,3 +61,4 @@ def test_sigterm_stops_raylm_serve_and_deletes_only_its_application(
         if proc.poll() is None:
             proc.kill()
         proc.stdout.close()
+        serve.shutdown()  # the controller and proxy (on this test's port) stay up otherwise
