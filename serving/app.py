@@ -213,7 +213,7 @@ class _Scheduler:
 
     def _admit(self) -> list[_Admission]:
         """Take the queued admissions that fit next to the running rows, combined per adapter: everything
-        that arrived during the last step is prefilled together, in as few padded passes as pays."""
+        that arrived during the last step is prefilled together, packed into as few passes as fit."""
         rows = sum(len(b.seqs) for b in self.active)
         combined: dict[str | None, _Admission] = {}
         while self.pending and (
