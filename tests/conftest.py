@@ -12,71 +12,11 @@ import random
 
 import pytest
 
+from tests.fake_text import sample_text
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "that",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "it",
-    "an",
-    "be",
-    "this",
-    "are",
-    "or",
-    "which",
-    "have",
-    "not",
-    "his",
-    "model",
-    "data",
-    "train",
-    "cluster",
-    "worker",
-    "token",
-    "shard",
-    "serve",
-    "batch",
-    "layer",
-    "weight",
-    "gradient",
-    "loss",
-    "step",
-    "ray",
-    "node",
-    "river",
-    "mountain",
-    "garden",
-    "window",
-    "letter",
-    "morning",
-    "summer",
-    "winter",
-    "market",
-    "village",
-    "city",
-    "road",
-    "forest",
-    "stone",
-]
-
-
-def sample_text(rng: random.Random, n_words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
 
 
 @pytest.fixture(scope="session")

@@ -12,35 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from core import lineage
+from tests.fake_text import sample_text
 
 SEQ_LEN = 32
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "that",
-    "with",
-    "as",
-    "by",
-    "model",
-    "data",
-    "train",
-    "cluster",
-    "worker",
-    "token",
-    "river",
-    "stone",
-]
-
-
-def sample_text(rng: random.Random, n_words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
 
 
 def build_curated(
