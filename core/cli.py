@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from core.config import STAGE_SECTIONS, PlatformConfig, dump_config, load_config
+from core.config import STAGE_SECTIONS, PlatformConfig, dump_config, load_config, shown
 from core.errors import ConfigError, RaylmError
 
 # verb -> "module:function"; imported lazily so `raylm check` never pays for torch or Ray.
@@ -21,6 +21,8 @@ STAGE_VERBS = {
     "train": "training.run:run",
     "serve": "serving.run:run",
 }
+MAX_MESSAGE_LINES = 10  # an error is read at once; validation errors are already capped at five
+
 HELP = {
     "run": "run every stage the recipe lists, in order",
     "curate": "curate the corpus (pipelines/)",
@@ -28,6 +30,15 @@ HELP = {
     "serve": "serve the trained model behind an OpenAI-compatible API (serving/)",
     "check": "validate the recipe and print the resolved config; starts nothing",
 }
+
+
+def short_message(message: str) -> str:
+    """At most MAX_MESSAGE_LINES lines of at most 300 characters: whatever raised the error (a library
+    message quoting a whole file, say), the user sees a few lines."""
+    lines = [shown(line, 300) for line in message.splitlines()]
+    if len(lines) > MAX_MESSAGE_LINES:
+        lines = [*lines[: MAX_MESSAGE_LINES - 1], f"... ({len(lines) - MAX_MESSAGE_LINES + 1} more lines)"]
+    return "\n".join(lines)
 
 
 def stage_function(verb: str):
@@ -84,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         run_stages(cfg, stages)
         return 0
     except RaylmError as exc:
-        print(f"raylm: error: {exc}", file=sys.stderr)
+        print(f"raylm: error: {short_message(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("raylm: interrupted", file=sys.stderr)

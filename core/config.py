@@ -11,41 +11,53 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from core.errors import ConfigError
-from core.schema import Section
+from core.schema import Bool, Int, PathOrUri, Section, Seed
 from pipelines.config import DataConfig
 from serving.config import ServeConfig
 from training.config import TrainConfig
 
 Stage = Literal["curate", "train", "serve"]
 STAGE_SECTIONS: dict[str, str] = {"curate": "data", "train": "train", "serve": "serve"}
+MAX_LOCAL_CPUS = 10_000  # a local Ray runs on one machine; more CPUs than this is a typo
+
+# Bounds on what a recipe may expand to. YAML aliases let a few hundred bytes stand for gigabytes
+# ("billion laughs"); pydantic, json.dumps and error messages would walk every copy.
+MAX_RECIPE_BYTES = 1 << 20  # real recipes are a few KB
+MAX_OVERRIDE_CHARS = 64 << 10  # one `key=value` on the command line
+MAX_VALUES = 100_000  # scalars, lists and mappings after aliases are expanded
+MAX_EXPANDED_CHARS = 4 << 20  # characters of all strings after aliases are expanded
+MAX_DEPTH = 50  # nesting of lists and mappings (a recipe needs about 6)
+MAX_ERRORS = 5  # validation errors listed in one message; the rest are counted
+MAX_SHOWN = 100  # characters of a bad value (or key) quoted in a message
 
 
 class RayConfig(Section):
     address: str | None = None
     """Ray cluster to join; None uses RAY_ADDRESS when set (ray job submit sets it), else starts a local Ray."""
-    num_cpus: int | None = None
+    num_cpus: Int | None = Field(None, ge=1, le=MAX_LOCAL_CPUS)
     """CPUs for a local Ray started by raylm; None lets Ray count them."""
-    include_dashboard: bool = True
+    include_dashboard: Bool = True
     """Start the Ray dashboard with a local Ray (bound to dashboard_host)."""
     dashboard_host: str = "127.0.0.1"
     """Interface the local dashboard binds to; localhost by default so it is not exposed."""
-    log_to_driver: bool = True
+    log_to_driver: Bool = True
     """Forward worker logs to the driver's terminal."""
 
 
 class PlatformConfig(Section):
     name: str
     """Name of the run; the default run_dir is runs/<name>."""
-    run_dir: str | None = None
+    run_dir: PathOrUri | None = None
     """Folder (or s3:// / gs:// URI) under which each stage writes its artifacts."""
     stages: list[Stage] = ["curate"]
     """Stages that `raylm run` executes, in this order."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed shared by every stage unless a stage sets its own."""
     ray: RayConfig = RayConfig()
     """How to reach (or start) Ray."""
@@ -114,8 +126,11 @@ def _update(node: Section, name: str, value: Any) -> None:
 
 
 def absolute(path: str) -> str:
-    """An absolute local path (~ expanded); URIs such as s3://bucket/x are returned unchanged."""
-    if "://" in path:
+    """An absolute local path (~ expanded); file:// URIs become local paths, other URIs (s3://bucket/x)
+    are returned unchanged. Stages, Ray workers and transformers' from_pretrained then all see one form."""
+    if path.lower().startswith("file://"):
+        path = unquote(urlsplit(path).path)
+    elif "://" in path:
         return path
     return os.path.abspath(os.path.expanduser(path))
 
@@ -125,17 +140,71 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+def shown(value: Any, limit: int = MAX_SHOWN) -> str:
+    """A value's repr, cut to `limit` characters, for error messages that must stay a few lines long."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The gist of a YAML error with its line; str(exc) quotes the offending line, which may be huge."""
+    problem = getattr(exc, "problem", None) or str(exc).split("\n")[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return shown(problem, 200) + where
+
+
+def _check_expanded_size(value: Any, what: str) -> None:
+    """Refuse a YAML document whose aliases expand it beyond what any recipe needs. The walk counts
+    each alias every time it is used and stops at the bound, so a self-referencing alias ends too."""
+    stack, values, chars = [(value, 1)], 0, 0
+    while stack:
+        node, depth = stack.pop()
+        values += 1
+        if isinstance(node, str):
+            chars += len(node)
+        if values > MAX_VALUES or chars > MAX_EXPANDED_CHARS:
+            raise ConfigError(
+                f"{what} expands to more than {MAX_VALUES} values or {MAX_EXPANDED_CHARS} characters "
+                "(YAML aliases repeating themselves?); refusing it"
+            )
+        if depth > MAX_DEPTH:
+            raise ConfigError(
+                f"{what} is nested more than {MAX_DEPTH} levels deep (or a YAML alias contains itself); "
+                "refusing it"
+            )
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for item in node.items() for child in item)
+        elif isinstance(node, (list, tuple)):
+            stack.extend((child, depth + 1) for child in node)
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """yaml.safe_load with bounds: a ConfigError naming `what` instead of a YAML traceback, a
+    RecursionError (deep nesting) or an alias bomb."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} is nested too deeply to parse; refusing it") from None
+    _check_expanded_size(value, what)
+    return value
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ["train.lr=1e-4", "stages=[curate]"] into a nested dict; values are parsed as YAML."""
     tree: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override '{item}' is not of the form key.path=value")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML ({exc.problem})") from None
+            raise ConfigError(f"override '{shown(item)}' is not of the form key.path=value")
+        if len(item) > MAX_OVERRIDE_CHARS:
+            raise ConfigError(
+                f"override '{shown(key)}' is {len(item)} characters long; the limit is {MAX_OVERRIDE_CHARS}"
+            )
+        value = parse_yaml(raw, f"override '{shown(key)}'") if raw != "" else ""
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -159,24 +228,59 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def resolve_recipe(recipe: str) -> Path:
     """A recipe is a YAML path, or the name of a file in ./recipes (`quickstart` -> recipes/quickstart.yaml)."""
     path = Path(recipe)
-    if path.is_file():
-        return path
-    for candidate in (Path("recipes") / recipe, Path("recipes") / f"{recipe}.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise ConfigError(f"recipe '{recipe}' not found (looked for {path} and recipes/{recipe}.yaml)")
+    candidates = [path, Path("recipes") / recipe, Path("recipes") / f"{recipe}.yaml"]
+    try:
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        if path.is_dir():
+            raise ConfigError(f"recipe '{shown(recipe)}' is a directory, not a YAML file")
+    except OSError as exc:  # a name too long for the file system, say: is_file() raises instead of False
+        raise ConfigError(f"recipe '{shown(recipe)}' cannot be opened: {exc.strerror or exc}") from None
+    raise ConfigError(
+        f"recipe '{shown(recipe)}' not found (looked for {shown(path)} and recipes/{shown(recipe)}.yaml)"
+    )
+
+
+def read_recipe(path: Path) -> dict[str, Any]:
+    """The recipe's top-level mapping: at most MAX_RECIPE_BYTES of UTF-8 YAML."""
+    name = shown(str(path))
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)  # one byte past the limit: a huge file is never read whole
+    except OSError as exc:
+        raise ConfigError(f"recipe {name} cannot be read: {exc.strerror or exc}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe {name} is larger than {MAX_RECIPE_BYTES} bytes; refusing it")
+    try:
+        text = data.decode("utf-8-sig")  # a UTF-8 byte order mark is harmless; PyYAML skips it anyway
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"recipe {name} is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} (save it as UTF-8)"
+        ) from None
+    raw = parse_yaml(text, f"recipe {name}")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {name} must be a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def format_validation_error(exc: ValidationError) -> str:
+    """One line per error, naming the dotted key; at most MAX_ERRORS lines and short quoted values."""
     lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<recipe>"
+    errors = exc.errors()
+    for err in errors[:MAX_ERRORS]:
+        loc = shown(".".join(str(p) for p in err["loc"]) or "<recipe>")
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         elif "input" in err and not isinstance(err["input"], dict):
-            msg += f" (got {err['input']!r})"
-        lines.append(f"  {loc}: {msg}")
+            msg += f" (got {shown(repr(err['input']))})"
+        lines.append(f"  {loc}: {shown(msg, 300)}")
+    if len(errors) > MAX_ERRORS:
+        lines.append(f"  ... and {len(errors) - MAX_ERRORS} more")
     return "invalid config:\n" + "\n".join(lines)
 
 
@@ -190,13 +294,9 @@ def build_config(raw: dict[str, Any]) -> PlatformConfig:
 def load_config(recipe: str | os.PathLike, overrides: list[str] | None = None) -> PlatformConfig:
     """Load a recipe, apply overrides, validate. Raises ConfigError naming the bad key."""
     path = resolve_recipe(str(recipe))
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(raw).__name__}")
-    raw = deep_merge(raw, parse_overrides(overrides or []))
+    raw = deep_merge(read_recipe(path), parse_overrides(overrides or []))
+    # Each part was bounded on its own; the merge can still nest deeper (a key like a.b.c.d...).
+    _check_expanded_size(raw, "the recipe with its overrides")
     return build_config(raw)
 
 

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from core.schema import Section
+from core.schema import Bool, Float, Fraction, Int, PathOrUri, Section, Seed
+
+BUILTIN_SOURCES = ("builtin:python-docs",)
+# Word n-grams longer than this never repeat in real text, and each costs n list slices per document.
+MAX_NGRAM = 100
+MAX_SEQ_LEN = 2**20  # a packed sequence is built in memory on one worker
+NgramSize = Annotated[Int, Field(ge=1, le=MAX_NGRAM)]
+NgramShare = Annotated[Float, Field(gt=0, le=1)]
 
 
 class SourceConfig(Section):
-    path: str
+    path: PathOrUri
     """A file, folder, glob or URI (s3://, gs://), or `builtin:python-docs` for the docstrings of Python's stdlib."""
     format: Literal["auto", "jsonl", "parquet", "text"] = "auto"
     """File format; auto decides per file from its extension (.jsonl, .jsonl.gz, .json, .parquet, .txt, .md)."""
@@ -19,38 +26,45 @@ class SourceConfig(Section):
     text_field: str = "text"
     """Field holding the document text."""
 
+    @field_validator("path")
+    @classmethod
+    def _known_builtin(cls, path: str) -> str:
+        if path.startswith("builtin:") and path not in BUILTIN_SOURCES:
+            raise ValueError(f"unknown builtin source (known: {', '.join(BUILTIN_SOURCES)})")
+        return path
+
 
 class NormalizeConfig(Section):
-    nfkc: bool = True
+    nfkc: Bool = True
     """Apply Unicode NFKC normalization."""
-    strip_control: bool = True
+    strip_control: Bool = True
     """Remove control characters other than newline and tab."""
-    collapse_whitespace: bool = True
+    collapse_whitespace: Bool = True
     """Collapse runs of spaces/tabs, strip line ends, and squeeze 3+ newlines into 2."""
 
 
 class FilterConfig(Section):
     """Gopher / C4 style quality rules; set a threshold to null to switch that rule off."""
 
-    min_words: int | None = 50
+    min_words: Int | None = Field(50, ge=0)
     """Drop documents with fewer words."""
-    max_words: int | None = 100_000
+    max_words: Int | None = Field(100_000, ge=0)
     """Drop documents with more words."""
-    min_mean_word_length: float | None = 3.0
+    min_mean_word_length: Float | None = Field(3.0, ge=0)
     """Drop documents whose mean word length is below this."""
-    max_mean_word_length: float | None = 10.0
+    max_mean_word_length: Float | None = Field(10.0, gt=0)
     """Drop documents whose mean word length is above this."""
-    max_symbol_word_ratio: float | None = 0.1
+    max_symbol_word_ratio: Fraction | None = 0.1
     """Drop documents with more '#' and '...' per word than this."""
-    max_digit_fraction: float | None = 0.25
+    max_digit_fraction: Fraction | None = 0.25
     """Drop documents whose characters are more than this fraction digits."""
-    min_alpha_word_fraction: float | None = 0.8
+    min_alpha_word_fraction: Fraction | None = 0.8
     """Drop documents where fewer words than this contain a letter."""
-    max_duplicate_line_fraction: float | None = 0.3
+    max_duplicate_line_fraction: Fraction | None = 0.3
     """Drop documents where more lines than this are repeats of earlier lines."""
-    max_top_ngram_fraction: dict[int, float] | None = {2: 0.2, 3: 0.18, 4: 0.16}
+    max_top_ngram_fraction: dict[NgramSize, NgramShare] | None = {2: 0.2, 3: 0.18, 4: 0.16}
     """For n-gram size n: drop if the most frequent n-gram covers more than this fraction of characters."""
-    max_duplicate_ngram_fraction: dict[int, float] | None = {
+    max_duplicate_ngram_fraction: dict[NgramSize, NgramShare] | None = {
         5: 0.15,
         6: 0.14,
         7: 0.13,
@@ -59,26 +73,23 @@ class FilterConfig(Section):
         10: 0.10,
     }
     """For n-gram size n: drop if repeated n-grams cover more than this fraction of characters."""
-    min_stop_words: int | None = 2
+    min_stop_words: Int | None = Field(2, ge=0)
     """Drop documents with fewer distinct English stop words (the, of, and, ...)."""
-    max_bullet_line_fraction: float | None = 0.9
+    max_bullet_line_fraction: Fraction | None = 0.9
     """Drop documents where more lines than this start with a bullet."""
 
     @model_validator(mode="after")
     def _ranges(self) -> FilterConfig:
         if self.min_words is not None and self.max_words is not None and self.min_words > self.max_words:
             raise ValueError(f"min_words ({self.min_words}) is larger than max_words ({self.max_words})")
-        for name in ("max_top_ngram_fraction", "max_duplicate_ngram_fraction"):
-            for n, frac in (getattr(self, name) or {}).items():
-                if n < 1 or not 0 < frac <= 1:
-                    raise ValueError(
-                        f"{name}: n-gram size must be >= 1 and fraction in (0, 1], got {n}: {frac}"
-                    )
+        low, high = self.min_mean_word_length, self.max_mean_word_length
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"min_mean_word_length ({low}) is larger than max_mean_word_length ({high})")
         return self
 
 
 class PIIConfig(Section):
-    enabled: bool = True
+    enabled: Bool = True
     """Replace emails, IP addresses and phone numbers with placeholders."""
     email: str = "<EMAIL>"
     """Placeholder for email addresses."""
@@ -89,21 +100,21 @@ class PIIConfig(Section):
 
 
 class NearDedupConfig(Section):
-    enabled: bool = True
+    enabled: Bool = True
     """Remove near-duplicates with MinHash LSH."""
-    ngram: int = Field(5, ge=1)
+    ngram: Int = Field(5, ge=1, le=MAX_NGRAM)
     """Word n-gram size of the shingles."""
-    num_perm: int = Field(128, ge=8)
+    num_perm: Int = Field(128, ge=8, le=8192)
     """Number of MinHash permutations."""
-    threshold: float = Field(0.8, gt=0, lt=1)
+    threshold: Float = Field(0.8, gt=0, lt=1)
     """Jaccard similarity at and above which two documents are duplicates."""
-    bands: int | None = None
+    bands: Int | None = Field(None, ge=1)
     """LSH bands; derived from threshold and num_perm when null (with rows)."""
-    rows: int | None = None
+    rows: Int | None = Field(None, ge=1)
     """Rows per band; derived from threshold and num_perm when null (with bands)."""
-    verify: bool = True
+    verify: Bool = True
     """Check each candidate pair's exact Jaccard on its shingles before linking them."""
-    seed: int = 1
+    seed: Seed = 1
     """Seed of the permutations (the same seed gives the same signatures on any cluster)."""
 
     @model_validator(mode="after")
@@ -116,20 +127,20 @@ class NearDedupConfig(Section):
 
 
 class TokenizerConfig(Section):
-    path: str | None = None
+    path: PathOrUri | None = None
     """Use the HF tokenizer saved at this local path instead of training one."""
-    vocab_size: int = Field(8192, ge=300)
+    vocab_size: Int = Field(8192, ge=300, le=2**31 - 1)
     """Vocabulary size of the byte-level BPE tokenizer trained on the kept documents."""
-    min_frequency: int = Field(2, ge=1)
+    min_frequency: Int = Field(2, ge=1)
     """Minimum pair frequency for a BPE merge."""
-    max_training_docs: int = Field(200_000, ge=1)
+    max_training_docs: Int = Field(200_000, ge=1)
     """Train the tokenizer on at most this many kept documents (a deterministic sample)."""
 
 
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(min_length=1)
     """Where the corpus comes from; several sources are read as one corpus."""
-    output: str | None = None
+    output: PathOrUri | None = None
     """Output folder; defaults to <run_dir>/curated."""
     normalize: NormalizeConfig = NormalizeConfig()
     """Text normalization."""
@@ -137,19 +148,19 @@ class DataConfig(Section):
     """Quality filters."""
     pii: PIIConfig = PIIConfig()
     """PII scrubbing."""
-    exact_dedup: bool = True
+    exact_dedup: Bool = True
     """Remove documents whose normalized text is identical (keeps the smallest id)."""
     near_dedup: NearDedupConfig = NearDedupConfig()
     """Near-duplicate removal."""
     tokenizer: TokenizerConfig = TokenizerConfig()
     """Tokenizer training or loading."""
-    seq_len: int = Field(512, ge=8)
+    seq_len: Int = Field(512, ge=8, le=MAX_SEQ_LEN)
     """Tokens per packed training sequence."""
-    eval_fraction: float = Field(0.02, ge=0, lt=1)
+    eval_fraction: Float = Field(0.02, ge=0, lt=1)
     """Fraction of kept documents (chosen by a hash of their id) written to the eval split."""
-    rows_per_shard: int = Field(4096, ge=1)
+    rows_per_shard: Int = Field(4096, ge=1)
     """Packed sequences per parquet shard (shards are balanced to within one row)."""
-    write_rejects: bool = True
+    write_rejects: Bool = True
     """Write the rows that filters drop to rejects/ with their reason (malformed input is always written)."""
-    batch_size: int = Field(512, ge=1)
+    batch_size: Int = Field(512, ge=1)
     """Rows per Ray Data batch in the map stages."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import numpy as np
@@ -49,6 +50,59 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no eos token, which raylm uses to separate documents")
     return tok
+
+
+def check_tokenizer_dir(path: str, key: str) -> None:
+    """Load the tokenizer at `path` once, before Ray starts, so a missing or broken one fails with exit 2
+    and a message naming `key` instead of a traceback from inside a Ray task. Remote folders are
+    downloaded first (to a temporary folder, removed afterwards), as the curate stage does."""
+    import shutil
+
+    from core import storage
+    from core.errors import ConfigError
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"{key}: {path!r} {why}")
+
+    if not storage.is_remote(path):
+        _check_local_tokenizer(path, refuse)
+        return
+    try:
+        local = storage.local_dir(path)
+    except OSError as exc:  # credentials, network, a missing bucket: pyarrow raises OSError
+        raise refuse(f"cannot be read: {_one_line(exc)}") from None
+    try:
+        _check_local_tokenizer(local, refuse)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one short line, however the library wrapped it."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _check_local_tokenizer(local: str, refuse) -> None:
+    if not os.path.exists(local):
+        raise refuse("does not exist")
+    if not os.path.isdir(local):
+        raise refuse("is not a folder (a Hugging Face tokenizer is a folder with tokenizer.json)")
+    try:
+        empty = not os.listdir(local)
+    except OSError as exc:  # no permission to list it, say
+        raise refuse(f"cannot be read: {exc.strerror or exc}") from None
+    if empty:
+        raise refuse("is an empty folder (a Hugging Face tokenizer is a folder with tokenizer.json)")
+    from transformers import AutoTokenizer
+
+    try:
+        # local_files_only: a folder that is not a tokenizer must not send transformers to the Hub.
+        tok = AutoTokenizer.from_pretrained(local, trust_remote_code=False, local_files_only=True)
+    except Exception as exc:  # transformers and tokenizers raise many types (OSError, ValueError, ...)
+        raise refuse(f"is not a Hugging Face tokenizer folder: {_one_line(exc)}") from None
+    if tok.eos_token_id is None:
+        raise refuse("holds a tokenizer without an eos token, which raylm uses to separate documents")
 
 
 class Tokenize:

@@ -6,29 +6,33 @@ validators here, so a bad combination fails at config load (exit 2) before Ray o
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
-from core.schema import Section
+from core.schema import Bool, Float, Int, PathOrUri, Section, Seed, reject_bool
+
+Beta = Annotated[Float, Field(ge=0, lt=1)]
+# Literal[1] would take `true` (True == 1), so the stage number refuses booleans like every number does.
+ZeroStage = Annotated[Literal[0, 1, 2, 3], BeforeValidator(reject_bool)]
 
 
 class ScratchModelConfig(Section):
     """A Llama-shaped model built from a config, for pretraining from scratch (vocab from the tokenizer)."""
 
-    hidden_size: int = Field(64, ge=8)
+    hidden_size: Int = Field(64, ge=8)
     """Width of the residual stream."""
-    intermediate_size: int = Field(128, ge=8)
+    intermediate_size: Int = Field(128, ge=8)
     """Width of the MLP."""
-    num_layers: int = Field(2, ge=1)
+    num_layers: Int = Field(2, ge=1)
     """Number of transformer blocks."""
-    num_heads: int = Field(4, ge=1)
+    num_heads: Int = Field(4, ge=1)
     """Attention heads."""
-    num_kv_heads: int | None = None
+    num_kv_heads: Int | None = Field(None, ge=1)
     """Key/value heads (grouped-query attention); null means num_heads."""
-    rope_theta: float = 10000.0
+    rope_theta: Float = Field(10000.0, gt=0)
     """RoPE base frequency."""
-    tie_word_embeddings: bool = False
+    tie_word_embeddings: Bool = False
     """Share the input embedding and the output head."""
 
     @model_validator(mode="after")
@@ -44,11 +48,11 @@ class ScratchModelConfig(Section):
 
 
 class ModelConfig(Section):
-    path: str | None = None
+    path: PathOrUri | None = None
     """Local Hugging Face checkpoint folder to start from (from_pretrained); exclusive with from_scratch."""
     from_scratch: ScratchModelConfig | None = None
     """Build a random-init Llama-shaped model from this config instead of loading one (pretraining)."""
-    trust_remote_code: bool = False
+    trust_remote_code: Bool = False
     """Allow model code shipped with the checkpoint to run (off: only transformers' own architectures)."""
 
     @model_validator(mode="after")
@@ -59,34 +63,34 @@ class ModelConfig(Section):
 
 
 class LoraConfig(Section):
-    enabled: bool = False
+    enabled: Bool = False
     """Train LoRA adapters (peft) instead of all weights."""
-    r: int = Field(8, ge=1)
+    r: Int = Field(8, ge=1)
     """Rank of the adapter matrices."""
-    alpha: int = Field(16, ge=1)
+    alpha: Int = Field(16, ge=1)
     """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: Float = Field(0.0, ge=0, lt=1)
     """Dropout on the adapter input."""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     """Names of the linear layers that get adapters."""
-    quantize_4bit: bool = False
+    quantize_4bit: Bool = False
     """QLoRA: load the frozen base in bitsandbytes 4-bit NF4 (needs lora.enabled and model.path)."""
 
 
 class DeepSpeedConfig(Section):
-    zero_stage: Literal[0, 1, 2, 3] = 3
+    zero_stage: ZeroStage = 3
     """ZeRO stage: 0 plain data parallel, 1 optimizer state, 2 + gradients, 3 + parameters sharded."""
-    offload_optimizer: bool = False
+    offload_optimizer: Bool = False
     """Keep optimizer state (and the update) on CPU (DeepSpeedCPUAdam); needs zero_stage >= 1."""
-    offload_params: bool = False
+    offload_params: Bool = False
     """Keep parameters on CPU between uses; needs zero_stage 3."""
     precision: Literal["bf16", "fp16", "fp32"] = "fp32"
     """Training precision; fp16 uses dynamic loss scaling, bf16 and fp32 none."""
-    initial_scale_power: int = Field(16, ge=0, le=32)
+    initial_scale_power: Int = Field(16, ge=0, le=32)
     """fp16 only: the dynamic loss scale starts at 2**initial_scale_power."""
-    grad_clip: float = Field(1.0, ge=0)
+    grad_clip: Float = Field(1.0, ge=0)
     """Clip the global gradient norm to this value; 0 turns clipping off."""
-    activation_checkpointing: bool = False
+    activation_checkpointing: Bool = False
     """Recompute activations in the backward pass (HF gradient checkpointing) to save memory."""
 
     @model_validator(mode="after")
@@ -99,41 +103,41 @@ class DeepSpeedConfig(Section):
 
 
 class ScheduleConfig(Section):
-    lr: float = Field(3e-4, gt=0)
+    lr: Float = Field(3e-4, gt=0, le=1)
     """Peak learning rate of AdamW."""
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    min_lr_ratio: Float = Field(0.1, ge=0, le=1)
     """The cosine decays to lr * min_lr_ratio at max_steps."""
-    warmup_steps: int = Field(10, ge=0)
+    warmup_steps: Int = Field(10, ge=0)
     """Linear warmup from 0 to lr over this many optimizer steps."""
-    weight_decay: float = Field(0.1, ge=0)
+    weight_decay: Float = Field(0.1, ge=0)
     """AdamW decoupled weight decay (not applied to biases and norms)."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
     """AdamW betas."""
-    eps: float = Field(1e-8, gt=0)
+    eps: Float = Field(1e-8, gt=0, le=1)
     """AdamW epsilon."""
 
 
 class CheckpointConfig(Section):
-    every_steps: int = Field(50, ge=1)
+    every_steps: Int = Field(50, ge=1)
     """Take a checkpoint every this many optimizer steps (and always at the end)."""
-    keep_last: int = Field(2, ge=1)
+    keep_last: Int = Field(2, ge=1)
     """Keep this many most recent checkpoints."""
-    storage_path: str | None = None
+    storage_path: PathOrUri | None = None
     """Folder or s3:// / gs:// URI for Ray Train checkpoints; defaults to <output>/checkpoints."""
     run_name: str = "run"
     """Ray Train run name under storage_path; a rerun with the same name resumes its latest checkpoint."""
-    resume_from: str | None = None
+    resume_from: PathOrUri | None = None
     """Start from this checkpoint folder (a step_XXXXXXXX folder); an error if it is missing or unreadable."""
-    max_failures: int = Field(3, ge=-1)
+    max_failures: Int = Field(3, ge=-1)
     """Worker-group restarts from the latest checkpoint before the run fails (-1: unlimited)."""
-    preemption_check_every: int = Field(5, ge=1)
+    preemption_check_every: Int = Field(5, ge=1)
     """Ask Ray for a preemption notice (a collective) every this many steps; SIGTERM is checked every step."""
 
 
 class TrainConfig(Section):
-    data_dir: str | None = None
+    data_dir: PathOrUri | None = None
     """Curated data folder (shards/, tokenizer/, manifest.json); defaults to the curate stage's output."""
-    output: str | None = None
+    output: PathOrUri | None = None
     """Output folder (checkpoints live under storage_path, export/ and manifest.json here); defaults to <run_dir>/train."""
     model: ModelConfig
     """What to train: a local HF checkpoint or a from-scratch config."""
@@ -145,29 +149,29 @@ class TrainConfig(Section):
     """AdamW and the warmup + cosine schedule."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     """Checkpointing and recovery."""
-    num_workers: int = Field(2, ge=1)
+    num_workers: Int = Field(2, ge=1)
     """Ray Train workers (one process each; one GPU each when use_gpu)."""
-    use_gpu: bool = False
+    use_gpu: Bool = False
     """One GPU per worker with NCCL; otherwise CPU workers with gloo (DS_ACCELERATOR=cpu)."""
-    cpus_per_worker: float = Field(1, gt=0)
+    cpus_per_worker: Float = Field(1, gt=0)
     """CPUs reserved per worker."""
-    micro_batch_size: int = Field(4, ge=1)
+    micro_batch_size: Int = Field(4, ge=1)
     """Sequences per worker per forward pass."""
-    global_batch_size: int = Field(8, ge=1)
+    global_batch_size: Int = Field(8, ge=1)
     """Sequences per optimizer step over all workers; accumulation = global / (micro * workers)."""
-    max_steps: int = Field(100, ge=1)
+    max_steps: Int = Field(100, ge=1)
     """Optimizer steps to train."""
-    eval_every: int = Field(0, ge=0)
+    eval_every: Int = Field(0, ge=0)
     """Evaluate on the held-out split every this many steps (and at the end); 0: only at the end."""
-    eval_batches: int = Field(8, ge=1)
+    eval_batches: Int = Field(8, ge=1)
     """At most this many micro batches per worker per evaluation."""
-    log_every: int = Field(1, ge=1)
+    log_every: Int = Field(1, ge=1)
     """Log a metrics line on rank 0 every this many steps."""
-    seed: int | None = None
+    seed: Seed | None = None
     """Seed of init, data order and RNG; null takes the recipe's top-level seed."""
-    peak_flops: float | None = None
+    peak_flops: Float | None = Field(None, gt=0)
     """Peak FLOP/s of one device for MFU; null: 989e12 (H100 bf16 dense) on CUDA, measured matmul rate on CPU."""
-    export: bool = True
+    export: Bool = True
     """Write export/ (consolidated safetensors model, or the PEFT adapter) at the end."""
 
     @model_validator(mode="after")
