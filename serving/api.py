@@ -7,6 +7,8 @@ model does not use; parameters raylm cannot honour (logprobs, echo, best_of, too
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -14,6 +16,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
+MAX_PROMPTS = 1024  # prompts in one completion request: a 4 MiB body could otherwise hold a million
+# The seeds torch.Generator.manual_seed accepts: signed or unsigned 64-bit (a negative one is taken as its
+# two's complement, so the engine wraps seed + choice into 64 bits and no valid seed can fail there).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# A lone UTF-16 surrogate: Python strings can hold one (from a "\ud800" escape, or CESU-8 bytes that
+# json.loads decodes with surrogatepass), but no tokenizer and no UTF-8 response can carry it.
+_SURROGATE = re.compile("[\\ud800-\\udfff]")
 
 
 class OpenAIError(Exception):
@@ -51,7 +60,7 @@ class _Request(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     logprobs: Any = None
@@ -92,6 +101,8 @@ class CompletionRequest(_Request):
     def _prompt(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be an empty list")
+        if isinstance(v, list) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts are allowed in one request (got {len(v)})")
         return v
 
     @model_validator(mode="after")
@@ -249,3 +260,37 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
         param = param or (loc[0] if loc else None)
         parts.append(f"{where}: {err.get('msg', 'invalid').removeprefix('Value error, ')}")
     return "; ".join(parts) or "invalid request", param
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """Decode a request body into a JSON object, refusing with a 400 (never a 500 from deeper down) what the
+    server cannot serve: invalid JSON, nesting deeper than the parser's recursion limit, and lone
+    surrogates in any string or key (the param names the top-level field holding one)."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise OpenAIError(400, "request body is nested too deeply") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError, an int past sys.get_int_max_str_digits()
+        raise OpenAIError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise OpenAIError(400, "request body must be a JSON object")
+    for key, value in body.items():
+        bad_key = _has_surrogate(key)
+        if bad_key or _has_surrogate(value):
+            name = "a field name" if bad_key or len(key) > 64 else key
+            raise OpenAIError(
+                400,
+                f"{name} is not valid Unicode text: it contains a lone surrogate (U+D800 to U+DFFF)",
+                param=None if bad_key else key,
+            )
+    return body
+
+
+def _has_surrogate(value: Any) -> bool:
+    if not isinstance(value, str):
+        # Strings nested in lists and objects: one pass in C over the value re-encoded, not a Python walk.
+        try:
+            value = json.dumps(value, ensure_ascii=False)
+        except RecursionError:
+            raise OpenAIError(400, "request body is nested too deeply") from None
+    return _SURROGATE.search(value) is not None

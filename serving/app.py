@@ -41,6 +41,9 @@ from serving.engine import DEFAULT_CHAT_STOP, DecodeBatch, Delta, Engine, Sampli
 log = logging.getLogger("raylm")
 DEPLOYMENT_NAME = "LLMServer"
 BATCH_SIZE_BOUNDARIES = (1, 2, 4, 8, 16, 32, 64, 128)
+# Prompts longer than this (characters, all of a request's together) are tokenized on a thread of their
+# own: a few ms of tokenizing inline is cheaper than the hop, seconds of it would stall every stream.
+INLINE_TOKENIZE_CHARS = 16_384
 
 fastapi_app = FastAPI(title="raylm", docs_url=None, redoc_url=None)
 
@@ -274,6 +277,10 @@ class LLMServer:
             raise ValueError(f"adapter id {model_id!r} is the same as the base model id")
         # One thread runs every model call, so adapters are never swapped under a running forward pass.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-engine")
+        # Large prompts are tokenized here, neither on the event loop nor behind the decoding steps. Encoding
+        # without padding or truncation only reads the Rust tokenizer, as the engine thread's decode() does,
+        # so the two threads can share it.
+        self.tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-tokenize")
         self.max_batch_size = cfg.batching.max_batch_size
         self.batch_sizes: Counter[int] = Counter()  # rows per decoding forward pass, for stats() and tests
         self.scheduler = _Scheduler(self)
@@ -404,15 +411,27 @@ class LLMServer:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with a 413 once it is known to pass http.max_request_bytes: from Content-Length
+        before reading any of it, else (chunked) as soon as the running count passes the limit."""
+        limit = self.cfg.http.max_request_bytes
+        too_large = api.OpenAIError(
+            413, f"request body is larger than {limit} bytes", code="request_too_large"
+        )
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # a malformed one is uvicorn's to refuse
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _parse(self, request: Request, model: type[api._Request]) -> Any:
         self._authorize(request)
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise api.OpenAIError(400, "request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise api.OpenAIError(400, "request body must be a JSON object")
+        body = api.parse_body(await self._read_body(request))
         try:
             req = model.model_validate(body)
         except ValidationError as exc:
@@ -432,6 +451,25 @@ class LLMServer:
             f"The model '{model}' does not exist; GET /v1/models lists the served models",
             param="model",
             code="model_not_found",
+        )
+
+    async def _encode(self, texts: list[str], param: str) -> list[list[int]]:
+        """Token ids of the prompts. One that surely passes the context is refused before any tokenizing
+        (engine.min_tokens); large ones are tokenized off the event loop so other requests keep flowing."""
+        context = self.engine.context_length
+        for text in texts:
+            if (least := self.engine.min_tokens(text)) >= context:
+                raise api.OpenAIError(
+                    400,
+                    f"This model's maximum context length is {context} tokens. However, your prompt has "
+                    f"{len(text)} characters, which is at least {least} tokens.",
+                    param=param,
+                    code="context_length_exceeded",
+                )
+        if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
+            return [self.engine.encode(t) for t in texts]
+        return await asyncio.get_running_loop().run_in_executor(
+            self.tokenize_executor, lambda: [self.engine.encode(t) for t in texts]
         )
 
     def _jobs(self, req: api._Request, prompts: list[list[int]], stop: list[str]) -> list[Job]:
@@ -471,6 +509,12 @@ class LLMServer:
             tokens[i] = delta.completion_tokens
             reasons[i] = delta.finish_reason or reasons[i]
         return texts, reasons, sum(tokens)
+
+    async def _preload(self, jobs: list[Job]) -> None:
+        """Load the request's adapter before a stream starts: once its 200 is sent, a failure can only be
+        an error event, so whatever can fail is done first (the scheduler's own load is then a cache hit)."""
+        if jobs[0].adapter is not None:
+            await self.get_adapter(jobs[0].adapter)
 
     def _stream(
         self,
@@ -515,10 +559,11 @@ class LLMServer:
     @fastapi_app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         req: api.CompletionRequest = await self._parse(request, api.CompletionRequest)
-        prompts = [self.engine.encode(p) for p in req.prompts()]
+        prompts = await self._encode(req.prompts(), "prompt")
         jobs = self._jobs(req, prompts, req.stop_list())
         prompt_tokens, rid = sum(len(p) for p in prompts), api.new_id("cmpl")
         if req.stream:
+            await self._preload(jobs)
             return self._stream(
                 jobs, req, api.completion_chunk, "text_completion", prompt_tokens, rid, chat=False
             )
@@ -535,10 +580,11 @@ class LLMServer:
                 400, f"messages do not fit the chat template: {exc}", param="messages"
             ) from None
         stop = req.stop_list() + ([DEFAULT_CHAT_STOP] if self.engine.uses_default_template else [])
-        prompts = [self.engine.encode(prompt)]
+        prompts = await self._encode([prompt], "messages")
         jobs = self._jobs(req, prompts, stop)
         prompt_tokens, rid = len(prompts[0]), api.new_id("chatcmpl")
         if req.stream:
+            await self._preload(jobs)
             return self._stream(
                 jobs, req, api.chat_chunk, "chat.completion.chunk", prompt_tokens, rid, chat=True
             )

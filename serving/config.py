@@ -11,29 +11,29 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from core.schema import Section
+from core.schema import Bool, Float, Int, PathOrUri, Section
 
 
 class QuantizationConfig(Section):
     method: Literal["none", "int8", "nf4"] = "none"
     """Weight quantization applied at load time with bitsandbytes: none, int8 (LLM.int8) or nf4 (4-bit NormalFloat)."""
-    nf4_double_quant: bool = True
+    nf4_double_quant: Bool = True
     """nf4 only: also quantize the quantization constants (saves ~0.4 bit per weight)."""
 
 
 class BatchingConfig(Section):
-    max_batch_size: int = Field(8, ge=1, le=512)
+    max_batch_size: Int = Field(8, ge=1, le=512)
     """Most sequences (prompts x n) generated together in one batch."""
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+    batch_wait_timeout_s: Float = Field(0.005, ge=0, le=10)
     """How long the first request of a batch waits for others before the batch starts."""
 
 
 class AutoscalingSection(Section):
-    min_replicas: int = Field(1, ge=0)
+    min_replicas: Int = Field(1, ge=0)
     """Fewest replicas kept running."""
-    max_replicas: int = Field(2, ge=1)
+    max_replicas: Int = Field(2, ge=1)
     """Most replicas the autoscaler may start."""
-    target_ongoing_requests: float = Field(8, gt=0)
+    target_ongoing_requests: Float = Field(8, gt=0)
     """Ongoing requests per replica the autoscaler aims for."""
 
     @model_validator(mode="after")
@@ -48,12 +48,14 @@ class AutoscalingSection(Section):
 class HttpConfig(Section):
     host: str = "127.0.0.1"
     """Interface the HTTP proxy binds to; loopback by default so nothing is exposed unless asked."""
-    port: int = Field(8000, ge=1, le=65535)
+    port: Int = Field(8000, ge=1, le=65535)
     """TCP port of the HTTP proxy."""
     route_prefix: str = "/"
     """Prefix under which /v1/... and /health are served."""
     api_key_env: str | None = None
     """Name of an environment variable holding accepted API keys (comma-separated); None turns auth off."""
+    max_request_bytes: Int = Field(4 * 1024 * 1024, ge=1024)
+    """Largest request body accepted; a bigger one is answered 413 before the rest of it is read."""
 
     @model_validator(mode="after")
     def _prefix(self) -> HttpConfig:
@@ -63,16 +65,16 @@ class HttpConfig(Section):
 
 
 class AdaptersConfig(Section):
-    paths: dict[str, str] = {}
+    paths: dict[str, PathOrUri] = {}
     """LoRA adapters by model id: {id: folder with adapter_config.json + adapter_model.safetensors}."""
-    dirs: list[str] = []
+    dirs: list[PathOrUri] = []
     """Folders whose sub-folders are adapters (e.g. a sweep's output); each is served under its folder name."""
-    max_loaded: int = Field(4, ge=1)
+    max_loaded: Int = Field(4, ge=1)
     """Adapters kept in memory per replica; the least recently used is unloaded beyond this."""
 
 
 class ServeConfig(Section):
-    model: str | None = None
+    model: PathOrUri | None = None
     """Local path of the HF model to serve; defaults to the train stage's export/."""
     model_id: str | None = None
     """Name clients use in the `model` field for the base model; defaults to the recipe's name."""
@@ -82,33 +84,33 @@ class ServeConfig(Section):
     """Load-time weight quantization."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the model runs; auto picks cuda when the replica has a GPU."""
-    trust_remote_code: bool = False
+    trust_remote_code: Bool = False
     """Allow model code shipped with the checkpoint to run; off because it executes arbitrary code."""
     chat_template: str | None = None
     """Jinja chat template overriding the tokenizer's; None uses the tokenizer's, else raylm's default."""
-    max_context: int | None = Field(None, ge=8)
+    max_context: Int | None = Field(None, ge=8)
     """Cap on prompt + completion tokens; None uses the model's max_position_embeddings."""
-    default_max_tokens: int = Field(64, ge=1)
+    default_max_tokens: Int = Field(64, ge=1)
     """Completion length when a request gives no max_tokens (clipped to the room left in the context)."""
-    max_n: int = Field(8, ge=1)
+    max_n: Int = Field(8, ge=1)
     """Largest `n` (choices per prompt) a request may ask for."""
     batching: BatchingConfig = BatchingConfig()
     """Dynamic batching (changeable at run time through Serve user_config)."""
     adapters: AdaptersConfig = AdaptersConfig()
     """LoRA adapters multiplexed on the base model."""
-    num_replicas: int | None = Field(1, ge=1)
+    num_replicas: Int | None = Field(1, ge=1)
     """Fixed number of replicas; set to null when autoscaling is used."""
     autoscaling: AutoscalingSection | None = None
     """Autoscaling bounds; replaces num_replicas when set."""
-    num_cpus: float = Field(1, ge=0)
+    num_cpus: Float = Field(1, ge=0)
     """CPUs reserved per replica (torch uses this many threads, at least 1)."""
-    num_gpus: float = Field(0, ge=0)
+    num_gpus: Float = Field(0, ge=0)
     """GPUs reserved per replica."""
-    max_ongoing_requests: int = Field(64, ge=1)
+    max_ongoing_requests: Int = Field(64, ge=1)
     """Requests one replica works on or holds in its batch queue at once."""
-    max_queued_requests: int = Field(256, ge=0)
+    max_queued_requests: Int = Field(256, ge=0)
     """Requests waiting for a replica beyond max_ongoing_requests; more are answered 503 + Retry-After."""
-    retry_after_s: float = Field(1, ge=0)
+    retry_after_s: Float = Field(1, ge=0, le=86_400)
     """Retry-After (seconds) sent with a 503 when the queue is full."""
     http: HttpConfig = HttpConfig()
     """HTTP proxy and authentication."""

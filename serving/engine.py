@@ -177,6 +177,7 @@ class Engine:
         self.chat_template = (
             chat_template or getattr(self.tokenizer, "chat_template", None) or DEFAULT_CHAT_TEMPLATE
         )
+        self.max_token_chars = _max_token_chars(self.tokenizer)
         self.adapters: list[str] = []
         self._in_use: Counter[str] = Counter()
         self._unload_pending: set[str] = set()
@@ -197,6 +198,11 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)) without tokenizing: no token stands for more than
+        max_token_chars characters, so a prompt far past the context is refused in O(1)."""
+        return len(text) // self.max_token_chars
+
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(
             messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
@@ -215,9 +221,11 @@ class Engine:
             self._unload_pending.discard(name)
             return
         if isinstance(self.model, PeftModel):
-            self.model.load_adapter(path, adapter_name=name, is_trainable=False)
+            self.model.load_adapter(path, adapter_name=_peft_name(name), is_trainable=False)
         else:
-            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
+            self.model = PeftModel.from_pretrained(
+                self.model, path, adapter_name=_peft_name(name), is_trainable=False
+            )
         self.model.eval()
         self.adapters.append(name)
         log.info("loaded adapter %s from %s", name, path)
@@ -232,7 +240,7 @@ class Engine:
         # peft keeps one adapter around as the "active" one; deleting the last is fine since base
         # requests run with adapters disabled anyway.
         if len(self.adapters) > 1:
-            self.model.delete_adapter(name)
+            self.model.delete_adapter(_peft_name(name))
             self.adapters.remove(name)
             log.info("unloaded adapter %s", name)
 
@@ -243,7 +251,7 @@ class Engine:
             if adapter is None:
                 with self.model.disable_adapter():
                     return self.model(**inputs)
-            self.model.set_adapter(adapter)
+            self.model.set_adapter(_peft_name(adapter))
             return self.model(**inputs)
 
     # ---- generation ----------------------------------------------------------------------------
@@ -541,7 +549,31 @@ def _room(batch: DecodeBatch) -> int:
     return max((s.params.max_tokens - len(s.ids) for s in batch.seqs), default=0)
 
 
+def _max_token_chars(tokenizer: Any) -> int:
+    """Most characters of text one token can stand for: its longest vocabulary entry (added tokens too).
+
+    A byte-level BPE entry spells one character per byte and a SentencePiece piece spells its text, so a
+    token never covers more characters than its entry is long. A normalizer may first merge a few code
+    points into one (NFC/NFKC compose at most 3), hence the factor 4 when there is one. A normalizer that
+    deletes characters (BERT's StripAccents) would break the bound; causal LM tokenizers do not use one.
+    """
+    longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    merges = backend is None or backend.normalizer is not None  # a slow tokenizer may normalize too
+    return max(1, longest) * (4 if merges else 1)
+
+
+def _peft_name(adapter: str) -> str:
+    """The name an adapter has inside peft: adapter ids are any folder or config name, but torch module
+    names cannot be empty or hold a "." (a Tune trial folder like lr=0.001 would fail on first use)."""
+    if adapter and "." not in adapter:
+        return adapter
+    return "raylm-" + adapter.encode("utf-8", "surrogatepass").hex()
+
+
 def _generator(seed: int | None) -> torch.Generator:
     gen = torch.Generator()
-    gen.manual_seed(seed if seed is not None else random.getrandbits(63))
+    # manual_seed takes 64 bits and reads a negative seed as its two's complement; wrapping keeps that
+    # meaning and lets seed + choice (one seed per choice) pass 2**64 - 1 instead of raising mid-stream.
+    gen.manual_seed(seed % 2**64 if seed is not None else random.getrandbits(63))
     return gen
