@@ -1,19 +1,15 @@
-"""Local and remote paths (s3://, gs://, hdfs://) through pyarrow.fs, and atomic, resumable outputs.
+"""Local and remote paths (s3://, gs://, hdfs://) through pyarrow.fs: read, write, list, remove.
 
 An output folder is complete when its manifest.json exists: stages write everything else first and the
-manifest last. Locally the folder is built under a temporary name and renamed into place, so a crash
-never leaves a folder that looks complete; on object stores (no rename) the manifest-last rule alone
-marks completeness and a rerun clears a half-written folder before writing again.
+manifest last. Staging a whole output folder (and refusing to replace what raylm did not write) is
+core/outputs.py's job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -35,6 +31,11 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
 def read_text(uri: str) -> str:
@@ -120,28 +121,3 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     prefix = uri[: uri.index("://") + 3] if is_remote(uri) else ""
     return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
-
-
-@contextlib.contextmanager
-def staged_output(final: str) -> Iterator[str]:
-    """Yield a folder to write a stage's output into; it appears at `final` only if the block succeeds.
-
-    Local: a sibling temporary folder renamed into place at the end. Remote: `final` itself, cleared of
-    any half-written earlier attempt first; completeness is the manifest written last by the caller.
-    """
-    if is_remote(final):
-        if exists(final) and not is_complete(final):
-            remove(final)
-        yield final
-        return
-    final = os.path.abspath(final)
-    tmp = f"{final}.partial-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

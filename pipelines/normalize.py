@@ -16,6 +16,10 @@ IPV4 = r"\b(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d
 IPV6 = r"\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b|\b(?:[0-9A-Fa-f]{1,4}:){1,7}:(?:[0-9A-Fa-f]{1,4}:){0,6}[0-9A-Fa-f]{1,4}\b"
 # International (+CC ...) or North American style numbers with separators; bare digit runs (years,
 # counts, ids) are left alone because without separators they are rarely phone numbers.
+# Reject reasons this stage emits.
+EMPTY_TEXT = "empty_text"
+NORMALIZE_REASONS = frozenset({EMPTY_TEXT})
+
 PHONE = r"(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?|\b\d{2,4}[\s.-])\d{3,4}[\s.-]\d{3,4}\b"
 
 
@@ -50,7 +54,7 @@ class Normalize:
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch = _only_kept(batch, self._normalize)
         empty = pc.and_(pc.is_null(batch.column("reject")), pc.equal(pc.utf8_length(batch.column("text")), 0))
-        reject = pc.if_else(empty, pa.scalar("empty_text"), batch.column("reject"))
+        reject = pc.if_else(empty, pa.scalar(EMPTY_TEXT), batch.column("reject"))
         return batch.set_column(batch.schema.get_field_index("reject"), "reject", reject)
 
 

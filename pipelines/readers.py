@@ -15,8 +15,10 @@ import inspect
 import json
 import os
 import sysconfig
+import zlib
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -36,8 +38,46 @@ SCHEMA = pa.schema(
         ("text", pa.string()),
         ("source", pa.string()),
         ("reject", pa.string()),
+        ("pos", pa.int64()),  # line (jsonl), row (parquet) or document number within `source`
     ]
 )
+
+# Reject reasons this stage emits (the part of a `reject` value before the colon).
+INVALID_UTF8 = "invalid_utf8"
+INVALID_UNICODE = "invalid_unicode"
+MALFORMED_JSON = "malformed_json"
+NOT_AN_OBJECT = "not_an_object"
+MISSING_TEXT_FIELD = "missing_text_field"
+TEXT_NOT_STRING = "text_not_string"
+EMPTY_FILE = "empty_file"
+TRUNCATED_FILE = "truncated_file"
+UNREADABLE_FILE = "unreadable_file"
+UNPARSABLE_PYTHON = "unparsable_python"
+DUPLICATE_ID = "duplicate_id"
+READ_REASONS = frozenset(
+    {
+        INVALID_UTF8,
+        INVALID_UNICODE,
+        MALFORMED_JSON,
+        NOT_AN_OBJECT,
+        MISSING_TEXT_FIELD,
+        TEXT_NOT_STRING,
+        EMPTY_FILE,
+        TRUNCATED_FILE,
+        UNREADABLE_FILE,
+        UNPARSABLE_PYTHON,
+        DUPLICATE_ID,
+    }
+)
+
+# Why a file under a source was not read (counted in the manifest and the summary).
+SKIP_UNKNOWN_EXTENSION = "unknown_extension"
+SKIP_HIDDEN = "hidden"
+SKIP_LINK_LOOP = "symlink_loop"
+SKIP_ALREADY_LISTED = "duplicate_path"
+SKIP_BROKEN_LINK = "broken_link"
+SKIP_UNDECODABLE_NAME = "undecodable_name"
+UTF8_BOM = b"\xef\xbb\xbf"
 
 EXTENSIONS = {
     ".jsonl": "jsonl",
@@ -86,156 +126,261 @@ def python_docs_files() -> list[str]:
     return files
 
 
-def discover(sources: list[SourceConfig]) -> list[InputFile]:
-    """Expand each source (file, folder, glob, URI, builtin) into the files to read, in a stable order."""
-    found: list[InputFile] = []
+def _utf8_name(path: str) -> bool:
+    """False for a file name that is not UTF-8 (Python hands such bytes over as lone surrogates)."""
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+@dataclass
+class Inputs:
+    """The files to read, and how many files under the sources were left out, by reason."""
+
+    files: list[InputFile]
+    skipped: Counter[str] = field(default_factory=Counter)
+
+
+def _local_files(base: str, skipped: Counter[str]) -> Iterator[tuple[str, os.stat_result]]:
+    """Files below a local folder, each real file once: symbolic links are followed, but a folder already
+    visited (a link cycle, or two links to one folder) is not entered again."""
+    seen_dirs = {os.path.realpath(base)}
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=True):
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real in seen_dirs:
+                skipped[SKIP_LINK_LOOP] += 1
+            else:
+                seen_dirs.add(real)
+                keep.append(d)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            try:
+                yield path, os.stat(path)
+            except OSError:
+                skipped[SKIP_BROKEN_LINK] += 1
+
+
+def _listing(src: SourceConfig, skipped: Counter[str]) -> Iterator[tuple[str, int, float | None]]:
+    """(path, size, mtime) of every file a source names, before filtering by name."""
+    fs, base = storage.filesystem(src.path)
+    prefix = src.path[: src.path.index("://") + 3] if storage.is_remote(src.path) else ""
+    pattern = None
+    if any(ch in base for ch in "*?["):
+        pattern, base = base, base[: min(base.find(ch) for ch in "*?[" if ch in base)].rsplit("/", 1)[0]
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"data.sources: input path '{src.path}' does not exist")
+    if info.type == pafs.FileType.File:
+        listed = [(base, info.size or 0, info.mtime.timestamp() if info.mtime else None)]
+    elif not prefix:
+        listed = sorted((p, st.st_size, st.st_mtime) for p, st in _local_files(base, skipped))
+    else:  # object stores have no links
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        listed = sorted(
+            (i.path, i.size or 0, i.mtime.timestamp() if i.mtime else None)
+            for i in infos
+            if i.type == pafs.FileType.File
+        )
+    for path, size, mtime in listed:
+        if pattern is None or fnmatch.fnmatch(path, pattern):
+            yield prefix + path, size, mtime
+
+
+def find_inputs(sources: list[SourceConfig]) -> Inputs:
+    """Expand each source (file, folder, glob, URI, builtin) into the files to read, in a stable order.
+    Each real file is read once, however many links or sources lead to it."""
+    inputs = Inputs([])
+    seen: set[str] = set()
     for src in sources:
         if src.path == BUILTIN_PYTHON_DOCS:
             for path in python_docs_files():
                 st = os.stat(path)
-                found.append(InputFile(path, "python-docs", st.st_size, st.st_mtime))
+                inputs.files.append(InputFile(path, "python-docs", st.st_size, st.st_mtime))
             continue
-        fs, base = storage.filesystem(src.path)
-        prefix = src.path[: src.path.index("://") + 3] if storage.is_remote(src.path) else ""
-        pattern = None
-        if any(ch in base for ch in "*?["):
-            pattern, base = base, base[: min(base.find(ch) for ch in "*?[" if ch in base)].rsplit("/", 1)[0]
-        info = fs.get_file_info(base)
-        if info.type == pafs.FileType.NotFound:
-            raise InputError(f"data.sources: input path '{src.path}' does not exist")
-        infos = (
-            [info]
-            if info.type == pafs.FileType.File
-            else fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        )
-        for i in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
-            if pattern and not fnmatch.fnmatch(i.path, pattern):
-                continue
-            if os.path.basename(i.path).startswith((".", "_")):
-                continue  # hidden files and markers such as _SUCCESS
-            fmt = _format_of(i.path, src.format)
-            if fmt is None:
-                continue
-            mtime = i.mtime.timestamp() if i.mtime is not None else None
-            found.append(InputFile(prefix + i.path, fmt, i.size or 0, mtime, src.id_field, src.text_field))
-    if not found:
+        for path, size, mtime in _listing(src, inputs.skipped):
+            name = os.path.basename(path)
+            fmt = _format_of(path, src.format)
+            real = path if storage.is_remote(path) else os.path.realpath(path)
+            if not _utf8_name(path):
+                inputs.skipped[SKIP_UNDECODABLE_NAME] += 1
+            elif name.startswith((".", "_")):
+                inputs.skipped[SKIP_HIDDEN] += 1  # hidden files and markers such as _SUCCESS
+            elif fmt is None:
+                inputs.skipped[SKIP_UNKNOWN_EXTENSION] += 1
+            elif real in seen:
+                inputs.skipped[SKIP_ALREADY_LISTED] += 1
+            else:
+                seen.add(real)
+                inputs.files.append(InputFile(path, fmt, size, mtime, src.id_field, src.text_field))
+    if not inputs.files:
         paths = ", ".join(s.path for s in sources)
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(inputs.skipped.items()))
         raise InputError(
             f"data.sources: no readable files (.jsonl, .jsonl.gz, .parquet, .txt, .md) under {paths}"
+            + (f" (skipped: {skipped})" if skipped else "")
         )
-    return found
+    return inputs
 
 
-def _row(id_: str, text: str | None, source: str, reject: str | None = None) -> dict:
-    return {"id": id_, "text": text, "source": source, "reject": reject}
+def discover(sources: list[SourceConfig]) -> list[InputFile]:
+    """The files to read (find_inputs without the skip counts)."""
+    return find_inputs(sources).files
 
 
-def _reject(source: str, where: str, reason: str, raw: str = "") -> dict:
-    return _row(f"{source}:{where}", raw[:MAX_RAW_CHARS], source, reason)
+def _row(id_: str, text: str | None, source: str, pos: int = 0, reject: str | None = None) -> dict:
+    return {"id": id_, "text": text, "source": source, "reject": reject, "pos": pos}
 
 
-def _open(path: str):
-    """A pyarrow stream; `.gz` files are decompressed on the fly (pyarrow detects it from the extension)."""
+def _reject(source: str, pos: int, reason: str, raw: str = "", where: str | None = None) -> dict:
+    """A row set aside with its reason; its id names the file and the line (or `where` in the file)."""
+    return _row(f"{source}:{where or pos}", raw[:MAX_RAW_CHARS], source, pos, reason)
+
+
+class TruncatedInput(Exception):
+    """A compressed stream ended before its end marker; `tail` is the incomplete last line."""
+
+    def __init__(self, tail: bytes = b""):
+        super().__init__("compressed stream ended early")
+        self.tail = tail
+
+
+def _gunzip(raw, chunk_size: int) -> Iterator[bytes]:
+    """Decompress a gzip stream chunk by chunk, yielding every byte that decodes before a truncation
+    (pyarrow's own decompressor raises on the first read and loses the whole chunk). Handles files of
+    several concatenated gzip members, as `cat a.gz b.gz` makes."""
+    decoder, fed = zlib.decompressobj(wbits=31), False
+    while data := raw.read(chunk_size):
+        while data:
+            fed = True
+            if out := decoder.decompress(data):
+                yield out
+            data = b""
+            if decoder.eof:
+                data = decoder.unused_data
+                decoder, fed = zlib.decompressobj(wbits=31), False
+    if fed and not decoder.eof:
+        raise TruncatedInput
+
+
+def _chunks(path: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes of a jsonl or text file in bounded chunks, decompressed when the name ends in .gz."""
     fs, p = storage.filesystem(path)
-    return (
-        fs.open_input_file(p) if path.endswith(".parquet") else fs.open_input_stream(p, compression="detect")
-    )
+    with fs.open_input_stream(p, compression=None) as raw:
+        if path.lower().endswith(".gz"):
+            yield from _gunzip(raw, chunk_size)
+        else:
+            while chunk := raw.read(chunk_size):
+                yield chunk
 
 
-def _lines(stream, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-    """Lines of a byte stream, read in bounded chunks so a large file never sits in memory whole."""
-    tail = b""
-    while chunk := stream.read(chunk_size):
-        lines = (tail + chunk).split(b"\n")
-        tail = lines.pop()
-        yield from lines
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Lines of a chunked byte stream, so a large file never sits in memory whole. A UTF-8 byte-order
+    mark before the first line is dropped. On truncation, raises TruncatedInput with the partial line."""
+    tail, first = b"", True
+    try:
+        for chunk in chunks:
+            if first:
+                chunk, first = chunk.removeprefix(UTF8_BOM), False
+            lines = (tail + chunk).split(b"\n")
+            tail = lines.pop()
+            yield from lines
+    except TruncatedInput:
+        raise TruncatedInput(tail) from None
     if tail:
         yield tail
 
 
+def _json_document(f: InputFile, lineno: int, line: str) -> dict:
+    """One decoded jsonl line -> a document row, or a reject naming what is wrong with it."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return _reject(f.path, lineno, f"{MALFORMED_JSON}: {exc.msg}", line)
+    except RecursionError:
+        return _reject(f.path, lineno, f"{MALFORMED_JSON}: nested too deeply", line)
+    if not isinstance(obj, dict):
+        return _reject(f.path, lineno, f"{NOT_AN_OBJECT}: a JSON {type(obj).__name__}", line)
+    if f.text_field not in obj:
+        return _reject(f.path, lineno, f"{MISSING_TEXT_FIELD}: no '{f.text_field}'", line)
+    text = obj[f.text_field]
+    if not isinstance(text, str):
+        return _reject(f.path, lineno, f"{TEXT_NOT_STRING}: '{f.text_field}' is {type(text).__name__}", line)
+    doc_id = obj.get(f.id_field)
+    return _row(str(doc_id) if doc_id is not None else f"{f.path}:{lineno}", text, f.path, lineno)
+
+
 def read_jsonl(f: InputFile) -> Iterator[dict]:
-    with _open(f.path) as stream:
-        lineno = 0
-        for lineno, raw in enumerate(_lines(stream), start=1):
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(_lines(_chunks(f.path)), start=1):
             if not raw.strip():
                 continue
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield _reject(
-                    f.path,
-                    str(lineno),
-                    f"invalid_utf8: {exc.reason} at byte {exc.start}",
-                    raw.decode("utf-8", errors="replace"),
-                )
+                reason = f"{INVALID_UTF8}: {exc.reason} at byte {exc.start}"
+                yield _reject(f.path, lineno, reason, raw.decode("utf-8", errors="replace"))
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield _reject(f.path, str(lineno), f"malformed_json: {exc.msg}", line)
-                continue
-            if not isinstance(obj, dict):
-                yield _reject(f.path, str(lineno), f"not_an_object: a JSON {type(obj).__name__}", line)
-            elif f.text_field not in obj:
-                yield _reject(f.path, str(lineno), f"missing_text_field: no '{f.text_field}'", line)
-            elif not isinstance(obj[f.text_field], str):
-                yield _reject(
-                    f.path,
-                    str(lineno),
-                    f"text_not_string: '{f.text_field}' is {type(obj[f.text_field]).__name__}",
-                    line,
-                )
-            else:
-                doc_id = obj.get(f.id_field)
-                yield _row(
-                    str(doc_id) if doc_id is not None else f"{f.path}:{lineno}", obj[f.text_field], f.path
-                )
-        if lineno == 0:
-            yield _reject(f.path, "0", "empty_file")
+            yield _json_document(f, lineno, line)
+    except TruncatedInput as exc:
+        lineno += 1
+        reason = f"{TRUNCATED_FILE}: the compressed stream ends early; line {lineno} is incomplete"
+        yield _reject(f.path, lineno, reason, exc.tail.decode("utf-8", errors="replace"))
+    if lineno == 0:
+        yield _reject(f.path, 0, EMPTY_FILE)
 
 
 def read_parquet(f: InputFile) -> Iterator[dict]:
-    with _open(f.path) as stream:
+    fs, p = storage.filesystem(f.path)
+    with fs.open_input_file(p) as stream:
         pf = pq.ParquetFile(stream)
         names = pf.schema_arrow.names
         if f.text_field not in names:
-            yield _reject(
-                f.path, "schema", f"missing_text_field: no column '{f.text_field}' (columns: {names})"
-            )
+            reason = f"{MISSING_TEXT_FIELD}: no column '{f.text_field}' (columns: {names})"
+            yield _reject(f.path, 0, reason, where="schema")
             return
         columns = [f.text_field] + ([f.id_field] if f.id_field in names else [])
         offset = 0
         for batch in pf.iter_batches(columns=columns, batch_size=ROWS_PER_BATCH):
             texts = batch.column(f.text_field).to_pylist()
             ids = batch.column(f.id_field).to_pylist() if f.id_field in names else [None] * len(texts)
-            for i, (doc_id, text) in enumerate(zip(ids, texts)):
-                row_no = offset + i
+            for row_no, doc_id, text in zip(range(offset, offset + len(texts)), ids, texts):
                 if not isinstance(text, str):
-                    yield _reject(
-                        f.path, str(row_no), f"text_not_string: '{f.text_field}' is {type(text).__name__}"
-                    )
+                    reason = f"{TEXT_NOT_STRING}: '{f.text_field}' is {type(text).__name__}"
+                    yield _reject(f.path, row_no, reason)
                 else:
-                    yield _row(str(doc_id) if doc_id is not None else f"{f.path}:{row_no}", text, f.path)
+                    yield _row(
+                        str(doc_id) if doc_id is not None else f"{f.path}:{row_no}", text, f.path, row_no
+                    )
             offset += len(texts)
         if offset == 0:
-            yield _reject(f.path, "0", "empty_file")
+            yield _reject(f.path, 0, EMPTY_FILE)
 
 
 def read_text(f: InputFile) -> Iterator[dict]:
-    with _open(f.path) as stream:
-        data = stream.read()
+    """A whole file is one document (its id is its path)."""
+    parts: list[bytes] = []
+    try:
+        parts.extend(_chunks(f.path))
+    except TruncatedInput:
+        data = b"".join(parts).removeprefix(UTF8_BOM)
+        reason = f"{TRUNCATED_FILE}: the compressed stream ends early; the document is incomplete"
+        yield _reject(f.path, 0, reason, data.decode("utf-8", errors="replace"))
+        return
+    data = b"".join(parts).removeprefix(UTF8_BOM)
     if not data.strip():
-        yield _reject(f.path, "0", "empty_file")
+        yield _reject(f.path, 0, EMPTY_FILE)
         return
     try:
-        yield _row(f.path, data.decode("utf-8"), f.path)
+        yield _row(f.path, data.decode("utf-8"), f.path, 0)
     except UnicodeDecodeError as exc:
-        yield _reject(
-            f.path,
-            "0",
-            f"invalid_utf8: {exc.reason} at byte {exc.start}",
-            data.decode("utf-8", errors="replace"),
-        )
+        reason = f"{INVALID_UTF8}: {exc.reason} at byte {exc.start}"
+        yield _reject(f.path, 0, reason, data.decode("utf-8", errors="replace"))
 
 
 def read_python_docs(f: InputFile) -> Iterator[dict]:
@@ -245,7 +390,7 @@ def read_python_docs(f: InputFile) -> Iterator[dict]:
         with open(f.path, "rb") as src:
             tree = ast.parse(src.read(), filename=f.path)
     except (SyntaxError, ValueError) as exc:  # a stdlib file written for another Python version
-        yield _reject(f.path, "0", f"unparsable_python: {exc}")
+        yield _reject(f.path, 0, f"{UNPARSABLE_PYTHON}: {exc}")
         return
 
     def walk(node: ast.AST, qual: str) -> Iterator[dict]:
@@ -261,7 +406,8 @@ def read_python_docs(f: InputFile) -> Iterator[dict]:
                 yield from walk(child, f"{qual}.{child.name}" if qual else child.name)
 
     seen: dict[str, int] = {}
-    for row in [*walk(tree, ""), *_reference_topics(tree, rel, f.path)]:
+    for pos, row in enumerate([*walk(tree, ""), *_reference_topics(tree, rel, f.path)]):
+        row["pos"] = pos
         # A name defined twice (in if/else branches, say) would repeat an id; ids must be unique.
         seen[row["id"]] = seen.get(row["id"], 0) + 1
         if seen[row["id"]] > 1:
@@ -290,8 +436,28 @@ READERS = {"jsonl": read_jsonl, "parquet": read_parquet, "text": read_text, "pyt
 def read_file(f: InputFile) -> Iterator[dict]:
     try:
         yield from READERS[f.format](f)
-    except (OSError, EOFError, pa.ArrowException) as exc:
-        yield _reject(f.path, "file", f"unreadable_file: {type(exc).__name__}: {exc}")
+    except (OSError, EOFError, zlib.error, pa.ArrowException) as exc:
+        yield _reject(f.path, -1, f"{UNREADABLE_FILE}: {type(exc).__name__}: {exc}", where="file")
+
+
+def _encodable(row: dict) -> dict:
+    """The row itself, or a reject when its id or text holds a lone surrogate (JSON allows the escape
+    "\\ud800", and Python source may too, but no UTF-8 text can carry one)."""
+    for key in ("id", "text"):
+        try:
+            (row[key] or "").encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raw = row["text"].encode("utf-8", "backslashreplace").decode("utf-8")
+            reason = f"{INVALID_UNICODE}: lone surrogate in '{key}' at character {exc.start}"
+            return _reject(row["source"], row["pos"], reason, raw)
+    return row
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    try:
+        return pa.Table.from_pylist(rows, schema=SCHEMA)
+    except UnicodeEncodeError:  # rare: find the rows at fault only when the batch fails
+        return pa.Table.from_pylist([_encodable(r) for r in rows], schema=SCHEMA)
 
 
 def read_files(batch: dict) -> Iterator[pa.Table]:
@@ -303,14 +469,14 @@ def read_files(batch: dict) -> Iterator[pa.Table]:
         for row in read_file(f):
             rows.append(row)
             if len(rows) >= ROWS_PER_BATCH:
-                yield pa.Table.from_pylist(rows, schema=SCHEMA)
+                yield _table(rows)
                 rows = []
     if rows:
-        yield pa.Table.from_pylist(rows, schema=SCHEMA)
+        yield _table(rows)
 
 
 def read_corpus(files: list[InputFile]):
-    """A Ray Dataset of (id, text, source, reject) rows over all files; reading happens in Ray tasks."""
+    """A Ray Dataset of (id, text, source, reject, pos) rows over all files; reading happens in Ray tasks."""
     import ray.data
 
     listing = ray.data.from_items([asdict(f) for f in files], override_num_blocks=min(len(files), 200))

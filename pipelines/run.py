@@ -8,6 +8,7 @@ only ever sees counts. Output lands atomically (core.storage.staged_output) with
 
 from __future__ import annotations
 
+import itertools
 import logging
 import tempfile
 import time
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core import storage
+from core import outputs, storage
 from core.config import PlatformConfig, dump_config
 from core.errors import InputError
 from core.lineage import fingerprint, read_manifest, write_manifest
@@ -25,26 +26,17 @@ from pipelines import readers
 from pipelines.config import DataConfig
 from pipelines.dedup.exact import exact_duplicates
 from pipelines.filters import QualityFilter, reason_kind
-from pipelines.normalize import Normalize, ScrubPII
+from pipelines.normalize import NORMALIZE_REASONS, Normalize, ScrubPII
 from pipelines.pack import SPLITS, add_bucket, eval_split, num_buckets, pack_group
+from pipelines.readers import READ_REASONS
 from pipelines.summary import StageRow, render_summary
-from pipelines.tokenize import Tokenize, load_tokenizer, train_tokenizer
+from pipelines.tokenize import Tokenize, check_tokenizer_dir, load_tokenizer, train_tokenizer
+from pipelines.unique_ids import set_aside_later_claims
 from pipelines.write import write_shards, write_table
 
 log = logging.getLogger("raylm")
 
-# Reject reasons by the stage that produces them (the rest come from the quality filters).
-READ_REASONS = {
-    "invalid_utf8",
-    "malformed_json",
-    "not_an_object",
-    "missing_text_field",
-    "text_not_string",
-    "empty_file",
-    "unreadable_file",
-    "unparsable_python",
-}
-NORMALIZE_REASONS = {"empty_text"}
+CURATED = "curated"  # the kind of output this stage writes (its manifest's and marker's `kind`)
 
 
 @dataclass
@@ -59,8 +51,21 @@ class Timings:
 
 
 def preflight(cfg: PlatformConfig) -> None:
-    """Checks that need no Ray: the inputs exist. Called by the CLI before Ray starts."""
-    readers.discover(cfg.data.sources)
+    """Checks that need no Ray, called by the CLI before Ray starts: the inputs exist, a given tokenizer
+    loads, and the output folder may be written (see core/outputs.py)."""
+    readers.find_inputs(cfg.data.sources)
+    if cfg.data.tokenizer.path:
+        check_tokenizer_dir(cfg.data.tokenizer.path, "data.tokenizer.path")
+    check_output(cfg)
+
+
+def check_output(cfg: PlatformConfig) -> None:
+    """data.output may be written: absent, empty or raylm's curated output, and apart from the inputs."""
+    data = cfg.data
+    inputs = {f"data.sources[{i}].path": s.path for i, s in enumerate(data.sources)}
+    if data.tokenizer.path:
+        inputs["data.tokenizer.path"] = data.tokenizer.path
+    outputs.check_stage_output("data.output", data.output, CURATED, cfg.run_dir, inputs)
 
 
 def _keep_rejected(t: pa.Table) -> pa.Table:
@@ -156,6 +161,18 @@ def _train_or_load_tokenizer(data: DataConfig, docs, n_docs: int, out_dir: str) 
     )
 
 
+def check_counts_never_grow(stages: list[tuple[str, int]]) -> None:
+    """Each stage passes on at most the documents it received; more means rows were duplicated on the
+    way (ids repeated across a join, say), and the output must not be written."""
+    for (_, n_before), (stage, n_after) in itertools.pairwise(stages):
+        if n_after > n_before:
+            raise RuntimeError(f"curation bug: {stage} passed on {n_after} documents but got {n_before}")
+
+
+def _skipped_line(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n:,} {reason}" for reason, n in sorted(counts.items()))
+
+
 def _num_partitions() -> int:
     import ray
 
@@ -167,19 +184,26 @@ def run(cfg: PlatformConfig) -> dict:
 
     data = cfg.data
     out = data.output
-    if storage.is_complete(out):
+    check_output(cfg)  # again: run() is also called without the CLI (tests, notebooks)
+    if storage.is_complete(out) and outputs.output_kind(out) == CURATED:
         log.info("curated data at %s is complete; nothing to do (delete the folder to curate again)", out)
         return read_manifest(out)
 
-    files = readers.discover(data.sources)
+    inputs = readers.find_inputs(data.sources)
+    files = inputs.files
     in_bytes = sum(f.size for f in files)
     log.info("curating %d files (%.1f MB) into %s", len(files), in_bytes / 1e6, out)
+    if inputs.skipped:
+        log.info("files not read: %s", _skipped_line(inputs.skipped))
     parts = _num_partitions()
     times = Timings()
 
-    with storage.staged_output(out) as tmp:
-        # 1. read, normalize, scrub, filter: one streaming pass, materialized for its two consumers.
+    outputs.claim_run_dir(cfg.run_dir, out)
+    with outputs.staged_output(out, CURATED) as tmp:
+        # 1. read, normalize, scrub, filter: one streaming pass, materialized for its two consumers;
+        # then a later document claiming an earlier one's id is set aside (pipelines/unique_ids.py).
         cleaned = _clean(data, files).materialize()
+        cleaned = set_aside_later_claims(cleaned, parts).materialize()
         rejected = cleaned.map_batches(_keep_rejected, batch_format="pyarrow")
         kept = cleaned.map_batches(_keep_clean, batch_format="pyarrow").materialize()
         n_read = cleaned.count()
@@ -194,8 +218,10 @@ def run(cfg: PlatformConfig) -> dict:
             rejected.write_parquet(f"{tmp}/rejects")
         times.lap("read_clean_filter")
         if n_kept == 0:
+            kept_at = outputs.publish_incomplete(tmp, out, CURATED, ["rejects"])
             raise InputError(
-                f"data.sources: no documents left to curate: {n_read} rows read, all rejected ({drops})"
+                f"data.sources: no documents left to curate: {n_read} rows read, all rejected "
+                f"({_skipped_line(drops)}); the rejected rows and their reasons are in {kept_at}/rejects"
             )
 
         # 2. exact dedup (one hash shuffle), 3. near dedup (MinHash LSH + connected components on Ray).
@@ -254,6 +280,18 @@ def run(cfg: PlatformConfig) -> dict:
         filter_drops = {k: v for k, v in drops.items() if k not in READ_REASONS | NORMALIZE_REASONS}
         n_valid = n_read - sum(read_drops.values())
         n_normalized = n_valid - sum(norm_drops.values())
+        check_counts_never_grow(
+            [
+                ("rows read", n_read),
+                ("documents read", n_valid),
+                ("normalize", n_normalized),
+                ("quality filters", n_kept),
+                ("exact dedup", n_exact),
+                ("near dedup", n_final),
+            ]
+        )
+        if n_clustered != n_kept:
+            raise RuntimeError(f"dedup/clusters.parquet has {n_clustered} rows for {n_kept} documents")
         counts = {
             "files": len(files),
             "input_bytes": in_bytes,
@@ -285,17 +323,19 @@ def run(cfg: PlatformConfig) -> dict:
         ]
         total = sum(times.seconds.values())
         summary = render_summary(stage_rows, total, in_bytes) + (
+            f"\nfiles not read: {_skipped_line(inputs.skipped) or 'none'}"
             f"\n{n_tokens:,} tokens -> {sequences['train']:,} train + {sequences['eval']:,} eval sequences of "
             f"{data.seq_len} ({n_tokens - packed_tokens:,} tail tokens dropped in packing); vocab {vocab:,}"
         )
         write_manifest(
             tmp,
-            "curated",
+            CURATED,
             dump_config(data),
             inputs={
                 "fingerprint": fingerprint([(f.path, f.size, f.mtime) for f in files]),
                 "files": len(files),
                 "bytes": in_bytes,
+                "skipped_files": dict(sorted(inputs.skipped.items())),
             },
             counts=counts,
             drops={"read": read_drops, "normalize": norm_drops, "filters": filter_drops},

@@ -14,13 +14,25 @@ from typing import Any
 
 import yaml
 
-from core import storage
+from core import outputs, storage
 from core.config import PlatformConfig, join
 from core.errors import ConfigError
 from serving.config import ServeConfig
 from serving.engine import check_model_dir
 
 log = logging.getLogger("raylm")
+
+
+SERVE = "serve"  # the kind of output this stage writes (the folder holding serve_config.yaml)
+
+
+def serve_dir(cfg: PlatformConfig) -> str:
+    return join(cfg.run_dir, "serve")
+
+
+def preflight(cfg: PlatformConfig) -> None:
+    """Checks that need no Ray: the folder for serve_config.yaml may be written (core/outputs.py)."""
+    outputs.check_stage_output("run_dir", serve_dir(cfg), SERVE, cfg.run_dir)
 
 
 def served_model_id(cfg: PlatformConfig) -> str:
@@ -99,7 +111,10 @@ def run(cfg: PlatformConfig) -> None:
     check_model_dir(sc.model)
     model_id = served_model_id(cfg)
     hashes = api_key_hashes(sc.http.api_key_env)
-    config_path = write_serve_config(sc, model_id, hashes, join(cfg.run_dir, "serve", "serve_config.yaml"))
+    preflight(cfg)  # again: run() is also called without the CLI
+    outputs.claim_run_dir(cfg.run_dir, serve_dir(cfg))
+    outputs.claim(serve_dir(cfg), SERVE)
+    config_path = write_serve_config(sc, model_id, hashes, join(serve_dir(cfg), "serve_config.yaml"))
     url = start(sc, model_id, hashes)
     print(f"raylm: serving '{model_id}' at {url} (OpenAI API; Ctrl-C to stop)", flush=True)
     print(f"raylm: Ray Serve config for `serve deploy`: {config_path}", flush=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from core import lineage, storage
+from core import lineage, outputs, storage
 from training.config import TrainConfig
 
 
@@ -54,7 +54,7 @@ def export_model(engine, tokenizer, cfg: TrainConfig, config: dict[str, Any], ra
         else:
             module.save_pretrained(tmp, state_dict=state, safe_serialization=True, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
-        with storage.staged_output(final) as out:
+        with outputs.staged_output(final, kind) as out:
             _copy_tree(tmp, out)
             parents = [f"{cfg.data_dir.rstrip('/')}/{storage.MANIFEST}"]
             lineage.write_manifest(

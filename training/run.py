@@ -12,7 +12,7 @@ import signal
 import threading
 from typing import Any
 
-from core import lineage, storage
+from core import lineage, outputs, storage
 from core.config import PlatformConfig, dump_config
 from core.errors import InputError, RaylmError
 from training import checkpoint as ckpt
@@ -20,6 +20,7 @@ from training.config import TrainConfig
 from training.data import shard_files
 
 log = logging.getLogger("raylm")
+TRAIN = "train"  # the kind of output this stage writes (its manifest's and marker's `kind`)
 
 
 class TrainingFailed(RaylmError):
@@ -141,18 +142,33 @@ def read_datasets(data_dir: str) -> dict[str, Any]:
     return datasets
 
 
+def preflight(cfg: PlatformConfig) -> None:
+    """Checks that need no Ray, called by the CLI before Ray starts: the base model is a local folder, and
+    the output folder may be written (see core/outputs.py). The curated data may not exist yet (`raylm
+    run` curates first), so it is checked in run()."""
+    t = cfg.train
+    if t.model.path is not None and not os.path.isdir(t.model.path):
+        raise InputError(
+            f"train.model.path {t.model.path} is not a local folder (models are never downloaded)"
+        )
+    inputs = {"train.data_dir": t.data_dir, "train.model.path": t.model.path or ""}
+    outputs.check_stage_output("train.output", t.output, TRAIN, cfg.run_dir, inputs)
+    storage_dir = t.checkpoint.storage_path
+    if storage_dir and storage.exists(storage_dir) and not storage.is_dir(storage_dir):
+        raise InputError(f"train.checkpoint.storage_path: {storage_dir} is an existing file, not a folder")
+
+
 def run(cfg: PlatformConfig) -> dict[str, Any]:
     t = cfg.train
     seed = t.seed if t.seed is not None else cfg.seed
     curated = read_curated(t.data_dir)
     resume_from = check_resume(t.checkpoint.resume_from, t.global_batch_size)
-    if t.model.path is not None and not os.path.isdir(t.model.path):
-        raise InputError(
-            f"train.model.path {t.model.path} is not a local folder (models are never downloaded)"
-        )
+    preflight(cfg)  # again: run() is also called without the CLI (tests, notebooks)
     if storage.is_complete(t.output) and lineage.read_manifest(t.output).get("config") == dump_config(t):
         log.info("training output %s is complete for this config; skipping", t.output)
         return lineage.read_manifest(t.output)
+    outputs.claim_run_dir(cfg.run_dir, t.output)
+    outputs.claim(t.output, TRAIN)
 
     config = loop_config(t, seed, curated, resume_from)
     trainer = build_trainer(t, config, read_datasets(t.data_dir))
@@ -182,7 +198,7 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
     checkpoint = result.checkpoint.path if result.checkpoint else None
     manifest = lineage.write_manifest(
         t.output,
-        "train",
+        TRAIN,
         dump_config(t),
         parents=[f"{t.data_dir.rstrip('/')}/{storage.MANIFEST}"],
         seed=seed,

@@ -2,18 +2,18 @@ import os
 
 import pytest
 
-from core import storage
+from core import outputs, storage
 
 
 def test_staged_output_appears_only_on_success(tmp_path):
     final = tmp_path / "out"
-    with pytest.raises(RuntimeError), storage.staged_output(str(final)) as tmp:
+    with pytest.raises(RuntimeError), outputs.staged_output(str(final), "test") as tmp:
         storage.write_text(os.path.join(tmp, "partial.txt"), "x")
         raise RuntimeError("crash mid-stage")
     assert not final.exists()
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name], "temporary folder must be cleaned up"
 
-    with storage.staged_output(str(final)) as tmp:
+    with outputs.staged_output(str(final), "test") as tmp:
         storage.write_json(f"{tmp}/{storage.MANIFEST}", {"ok": True})
     assert storage.is_complete(str(final))
     assert storage.read_json(str(final / storage.MANIFEST)) == {"ok": True}

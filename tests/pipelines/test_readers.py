@@ -45,7 +45,9 @@ def test_jsonl_good_and_bad_lines_are_all_accounted_for(tmp_path):
 def test_gzip_jsonl_and_custom_fields(tmp_path):
     data = gzip.compress(b'{"doc_id": 7, "body": "hello there"}\n')
     out = rows(tmp_path, "c.jsonl.gz", data, id_field="doc_id", text_field="body")
-    assert out == [{"id": "7", "text": "hello there", "source": str(tmp_path / "c.jsonl.gz"), "reject": None}]
+    assert out == [
+        {"id": "7", "text": "hello there", "source": str(tmp_path / "c.jsonl.gz"), "reject": None, "pos": 1}
+    ]
 
 
 def test_empty_and_corrupt_files_are_rejected_not_fatal(tmp_path):
