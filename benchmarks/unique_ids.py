@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 def write_corpora(docs: int, folder: Path) -> dict[str, Path]:
     """The same texts three ways: unique ids, and 1% of ids repeated (the other copy in another file)."""
-    from pipelines.synthetic import generate_corpus, write_corpus
+    from tests.synthetic import generate_corpus, write_corpus
 
     corpus = generate_corpus(docs, seed=0, min_words=150, max_words=300)
     unique = folder / "unique"
@@ -45,6 +45,17 @@ def write_corpora(docs: int, folder: Path) -> dict[str, Path]:
             corpus.docs[i]["id"] = corpus.docs[i - 50]["id"]
         write_corpus(corpus, repeated, shards=8, compress=True)
     return {"unique": unique, "repeated-1pct": repeated}
+
+
+def _count_later_claims(t):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipelines.filters import reason_kind
+    from pipelines.readers import DUPLICATE_ID
+
+    later = pc.equal(reason_kind(t.column("reject")), DUPLICATE_ID)
+    return pa.table({"n": [pc.sum(pc.fill_null(later, False).cast("int64")).as_py() or 0]})
 
 
 def time_variant(data, folder: Path, parts: int, broadcast_limit: int) -> dict:
@@ -61,8 +72,7 @@ def time_variant(data, folder: Path, parts: int, broadcast_limit: int) -> dict:
     marked = unique_ids.set_aside_later_claims(cleaned, parts).materialize()
     rule_s = time.perf_counter() - start
     rows = marked.count()
-    later = marked.filter(expr="reject IS NOT NULL").take_all()
-    n_later = sum(1 for r in later if r["reject"].startswith(readers.DUPLICATE_ID))
+    n_later = int(marked.map_batches(_count_later_claims, batch_format="pyarrow").sum("n") or 0)
     return {"read_clean_filter_s": clean_s, "id_rule_s": rule_s, "rows": rows, "later_claims": n_later}
 
 

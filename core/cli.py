@@ -1,35 +1,25 @@
-"""`raylm VERB RECIPE [key=value ...]`: a dict of verbs, each mapped to one `run(cfg)` function.
+"""`raylm VERB ...`: a table of verbs, each with its own arguments and its own `main(args) -> exit code`.
 
-The recipe is loaded and validated before anything imports Ray, so a bad key or value exits with code 2
-and a message naming the key, without starting a cluster.
+Every stage of core/stages.py is a verb taking `RECIPE [key=value ...]`; `run` runs the stages a recipe
+lists; `check` validates a recipe and prints it. A verb with other arguments (`raylm cluster check FILE`,
+say) is one more row of VERBS. A recipe is loaded and validated before anything imports Ray, so a bad
+key or value exits with code 2 and a message naming the key, without starting a cluster.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from core.config import STAGE_SECTIONS, PlatformConfig, dump_config, load_config, shown
+from core.config import PlatformConfig, dump_config, load_config, shown
 from core.errors import ConfigError, RaylmError
+from core.stages import BY_NAME, STAGES
 
-# verb -> "module:function"; imported lazily so `raylm check` never pays for torch or Ray.
-STAGE_VERBS = {
-    "curate": "pipelines.run:run",
-    "train": "training.run:run",
-    "serve": "serving.run:run",
-}
 MAX_MESSAGE_LINES = 10  # an error is read at once; validation errors are already capped at five
-
-HELP = {
-    "run": "run every stage the recipe lists, in order",
-    "curate": "curate the corpus (pipelines/)",
-    "train": "train a model on the curated shards (training/)",
-    "serve": "serve the trained model behind an OpenAI-compatible API (serving/)",
-    "check": "validate the recipe and print the resolved config; starts nothing",
-}
 
 
 def short_message(message: str) -> str:
@@ -41,38 +31,70 @@ def short_message(message: str) -> str:
     return "\n".join(lines)
 
 
-def stage_function(verb: str):
-    module, func = STAGE_VERBS[verb].split(":")
-    return getattr(importlib.import_module(module), func)
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    main: Callable[[argparse.Namespace], int]
+    """Runs the verb; raises RaylmError (or returns an exit code) on failure."""
+
+
+def recipe_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML path, or a name in recipes/ (e.g. quickstart)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=20 data.seq_len=256")
 
 
 def preflight(cfg: PlatformConfig, stages: list[str]) -> None:
-    """Stage checks that need no Ray (inputs exist, say), so they fail before a cluster starts."""
-    for stage in stages:
-        module = importlib.import_module(STAGE_VERBS[stage].split(":")[0])
-        if hasattr(module, "preflight"):
-            module.preflight(cfg)
+    """Stage checks that need no Ray (inputs exist, outputs may be written), before a cluster starts."""
+    for name in stages:
+        check = BY_NAME[name].function("preflight")
+        if check is not None:
+            check(cfg)
 
 
 def run_stages(cfg: PlatformConfig, stages: list[str]) -> None:
     from core.session import ray_session
 
+    for name in stages:
+        if getattr(cfg, BY_NAME[name].section) is None:
+            raise ConfigError(f"stage '{name}' needs a '{BY_NAME[name].section}' section in the recipe")
     preflight(cfg, stages)
     with ray_session(cfg.ray):
-        for stage in stages:
-            logging.getLogger("raylm").info("== stage %s ==", stage)
-            stage_function(stage)(cfg)
+        for name in stages:
+            logging.getLogger("raylm").info("== stage %s ==", name)
+            BY_NAME[name].function()(cfg)
+
+
+def _run_recipe(args: argparse.Namespace) -> int:
+    cfg = load_config(args.recipe, args.overrides)
+    run_stages(cfg, cfg.stages if args.verb == "run" else [args.verb])
+    return 0
+
+
+def _check_recipe(args: argparse.Namespace) -> int:
+    print(json.dumps(dump_config(load_config(args.recipe, args.overrides)), indent=2))
+    return 0
+
+
+VERBS: tuple[Verb, ...] = (
+    Verb("run", "run every stage the recipe lists, in order", recipe_arguments, _run_recipe),
+    *(Verb(s.name, s.help, recipe_arguments, _run_recipe) for s in STAGES),
+    Verb(
+        "check",
+        "validate the recipe and print the resolved config; starts nothing",
+        recipe_arguments,
+        _check_recipe,
+    ),
+)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raylm", description="From a raw corpus to a served LLM on Ray.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb, text in HELP.items():
-        s = sub.add_parser(verb, help=text, description=text)
-        s.add_argument("recipe", help="recipe YAML path, or a name in recipes/ (e.g. quickstart)")
-        s.add_argument(
-            "overrides", nargs="*", help="config overrides, e.g. train.max_steps=20 data.seq_len=256"
-        )
+    for verb in VERBS:
+        verb.add_arguments(sub.add_parser(verb.name, help=verb.help, description=verb.help))
+        sub.choices[verb.name].set_defaults(main=verb.main)
     return p
 
 
@@ -82,18 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser().parse_args(argv)
     try:
-        cfg = load_config(args.recipe, args.overrides)
-        if args.verb == "check":
-            print(json.dumps(dump_config(cfg), indent=2))
-            return 0
-        stages = cfg.stages if args.verb == "run" else [args.verb]
-        for stage in stages:
-            if getattr(cfg, STAGE_SECTIONS[stage]) is None:
-                raise ConfigError(
-                    f"`raylm {args.verb}` needs a '{STAGE_SECTIONS[stage]}' section in the recipe"
-                )
-        run_stages(cfg, stages)
-        return 0
+        return args.main(args)
     except RaylmError as exc:
         print(f"raylm: error: {short_message(str(exc))}", file=sys.stderr)
         return exc.exit_code

@@ -11,19 +11,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, create_model, model_validator
 
 from core.errors import ConfigError
-from core.schema import Bool, Int, PathOrUri, Section, Seed
-from pipelines.config import DataConfig
-from serving.config import ServeConfig
-from training.config import TrainConfig
+from core.schema import Bool, Int, PathOrUri, Section, Seed, absolute
+from core.stages import BY_NAME, STAGES, link
 
-Stage = Literal["curate", "train", "serve"]
-STAGE_SECTIONS: dict[str, str] = {"curate": "data", "train": "train", "serve": "serve"}
+StageName = Literal[tuple(stage.name for stage in STAGES)]  # type: ignore[valid-type]
 MAX_LOCAL_CPUS = 10_000  # a local Ray runs on one machine; more CPUs than this is a typo
 
 # Bounds on what a recipe may expand to. YAML aliases let a few hundred bytes stand for gigabytes
@@ -50,72 +46,42 @@ class RayConfig(Section):
     """Forward worker logs to the driver's terminal."""
 
 
-class PlatformConfig(Section):
+class _Platform(Section):
+    """The sections every recipe may have; PlatformConfig adds one section per row of the stage table."""
+
     name: str
     """Name of the run; the default run_dir is runs/<name>."""
     run_dir: PathOrUri | None = None
     """Folder (or s3:// / gs:// URI) under which each stage writes its artifacts."""
-    stages: list[Stage] = ["curate"]
+    stages: list[StageName] = ["curate"]
     """Stages that `raylm run` executes, in this order."""
     seed: Seed = 0
     """Seed shared by every stage unless a stage sets its own."""
     ray: RayConfig = RayConfig()
     """How to reach (or start) Ray."""
-    data: DataConfig | None = None
-    """Corpus curation (pipelines/)."""
-    train: TrainConfig | None = None
-    """Training (training/)."""
-    serve: ServeConfig | None = None
-    """Serving (serving/)."""
 
     @model_validator(mode="after")
-    def _link_stages(self) -> PlatformConfig:
+    def _link_stages(self) -> _Platform:
         _update(self, "run_dir", absolute(self.run_dir or f"runs/{self.name}"))
-        for stage in self.stages:
-            if getattr(self, STAGE_SECTIONS[stage]) is None:
+        for name in self.stages:
+            section = BY_NAME[name].section
+            if getattr(self, section) is None:
                 raise ValueError(
-                    f"stage '{stage}' is listed in stages but the recipe has no '{STAGE_SECTIONS[stage]}' section"
+                    f"stage '{name}' is listed in stages but the recipe has no '{section}' section"
                 )
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages lists a stage twice: {self.stages}")
-        # Each stage reads the previous stage's output unless the recipe points it elsewhere.
-        curated = self.data.output if self.data and self.data.output else join(self.run_dir, "curated")
-        if self.data is not None and self.data.output is None:
-            _update(self.data, "output", curated)
-        if self.train is not None:
-            if self.train.data_dir is None:
-                _update(self.train, "data_dir", curated)
-            if self.train.output is None:
-                _update(self.train, "output", join(self.run_dir, "train"))
-        if self.serve is not None and self.serve.model is None:
-            trained = self.train.output if self.train else join(self.run_dir, "train")
-            _update(self.serve, "model", join(trained, "export"))
-        self._make_paths_absolute()
+        link(self, _update)
         return self
 
-    def _make_paths_absolute(self) -> None:
-        """Ray workers (Ray Train's especially) run in other working directories, so every local path
-        is resolved against the directory the command was started in, once, here."""
-        fields = [("data", "output"), ("train", "data_dir"), ("train", "output"), ("serve", "model")]
-        for section, name in fields:
-            node = getattr(self, section)
-            if node is not None and getattr(node, name):
-                _update(node, name, absolute(getattr(node, name)))
-        if self.data is not None:
-            for src in self.data.sources:
-                if not src.path.startswith("builtin:"):
-                    _update(src, "path", absolute(src.path))
-            if self.data.tokenizer.path:
-                _update(self.data.tokenizer, "path", absolute(self.data.tokenizer.path))
-        if self.train is not None:
-            if self.train.model.path:
-                _update(self.train.model, "path", absolute(self.train.model.path))
-            if self.train.checkpoint.storage_path:
-                _update(self.train.checkpoint, "storage_path", absolute(self.train.checkpoint.storage_path))
-        if self.serve is not None and self.serve.adapters.paths:
-            _update(
-                self.serve.adapters, "paths", {k: absolute(p) for k, p in self.serve.adapters.paths.items()}
-            )
+
+# One optional section per stage, from the table: `data` (curate), `train`, `serve`, ...
+PlatformConfig = create_model(
+    "PlatformConfig",
+    __base__=_Platform,
+    __doc__="A whole recipe: the run, Ray, and one section per stage.",
+    **{s.section: (s.config | None, Field(None, description=s.help)) for s in STAGES},
+)
 
 
 def _update(node: Section, name: str, value: Any) -> None:
@@ -123,21 +89,6 @@ def _update(node: Section, name: str, value: Any) -> None:
     unconditional one inside a validator would recurse."""
     if getattr(node, name) != value:
         setattr(node, name, value)
-
-
-def absolute(path: str) -> str:
-    """An absolute local path (~ expanded); file:// URIs become local paths, other URIs (s3://bucket/x)
-    are returned unchanged. Stages, Ray workers and transformers' from_pretrained then all see one form."""
-    if path.lower().startswith("file://"):
-        path = unquote(urlsplit(path).path)
-    elif "://" in path:
-        return path
-    return os.path.abspath(os.path.expanduser(path))
-
-
-def join(base: str, *parts: str) -> str:
-    """Join path parts for local paths and URIs alike (os.path.join would mangle s3://)."""
-    return "/".join([base.rstrip("/"), *parts])
 
 
 def shown(value: Any, limit: int = MAX_SHOWN) -> str:

@@ -1,19 +1,123 @@
-"""One place for metrics: Ray's metrics API (scraped by Prometheus, shown in the dashboard) plus logs.
+"""Every metric raylm emits, declared once: name, kind, unit, tag keys, description.
 
-Stages call `gauge`/`counter`/`histogram` with a name and tags; metric objects are created once per
-process and reused. Outside a Ray worker or driver (plain torchrun, unit tests) the Ray metric calls are
-skipped, so the same code runs everywhere. `log_rank0` prints a line only on rank 0 of a training run.
+Names follow one convention, `raylm_<stage>_<quantity>[_<unit>]` (Prometheus style: seconds, bytes,
+`_total` for counters), and the tests fail on a metric that breaks it or on code that emits a metric not
+declared here. Stages call `record(METRIC, value, tags)`; the tags must be exactly the declared keys.
+
+The values go to Ray's metrics API (scraped by Prometheus, shown in the Ray dashboard). Outside a Ray
+worker or driver (plain torchrun, unit tests) `record` does nothing, so the same code runs everywhere.
+`log_rank0` prints a line only on rank 0 of a training run.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger("raylm")
-PREFIX = "raylm_"
+
+NAME = re.compile(r"^raylm_(curate|train|tune|serve)_[a-z0-9]+(_[a-z0-9]+)*$")
+UNIT_SUFFIX = {"seconds": "_seconds", "bytes": "_bytes"}  # the unit must end the name
+LATENCY_BOUNDARIES = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_SIZE_BOUNDARIES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: Literal["counter", "gauge", "histogram"]
+    unit: str
+    tag_keys: tuple[str, ...]
+    description: str
+    boundaries: tuple[float, ...] = ()
+
+
+REGISTRY: dict[str, Metric] = {}
+
+
+def declare(
+    name: str,
+    kind: Literal["counter", "gauge", "histogram"],
+    unit: str,
+    tag_keys: tuple[str, ...],
+    description: str,
+    boundaries: tuple[float, ...] = (),
+) -> Metric:
+    if name in REGISTRY:
+        raise ValueError(f"metric {name} is declared twice")
+    REGISTRY[name] = metric = Metric(name, kind, unit, tuple(sorted(tag_keys)), description, boundaries)
+    return metric
+
+
+# ---- curation ------------------------------------------------------------------------------------------
+CURATE_DOCUMENTS_IN = declare(
+    "raylm_curate_documents_in", "gauge", "documents", ("run",), "documents read by the last curation"
+)
+CURATE_DOCUMENTS_OUT = declare(
+    "raylm_curate_documents_out", "gauge", "documents", ("run",), "documents kept by the last curation"
+)
+CURATE_TOKENS = declare("raylm_curate_tokens", "gauge", "tokens", ("run",), "packed tokens written")
+CURATE_RUNS = declare("raylm_curate_runs_total", "counter", "runs", ("run",), "curation runs completed")
+
+# ---- training ------------------------------------------------------------------------------------------
+TRAIN_LOSS = declare("raylm_train_loss", "gauge", "nats", ("run",), "training loss of the last step")
+TRAIN_EVAL_LOSS = declare("raylm_train_eval_loss", "gauge", "nats", ("run",), "latest held-out loss")
+TRAIN_EVAL_PERPLEXITY = declare(
+    "raylm_train_eval_perplexity", "gauge", "ratio", ("run",), "latest held-out perplexity"
+)
+TRAIN_LEARNING_RATE = declare(
+    "raylm_train_learning_rate", "gauge", "ratio", ("run",), "current learning rate"
+)
+TRAIN_GRAD_NORM = declare("raylm_train_grad_norm", "gauge", "ratio", ("run",), "global gradient norm")
+TRAIN_TOKENS_PER_SECOND = declare(
+    "raylm_train_tokens_per_second", "gauge", "tokens/s", ("run",), "training throughput, all workers"
+)
+TRAIN_MFU = declare("raylm_train_mfu", "gauge", "ratio", ("run",), "model FLOPs utilization")
+TRAIN_STEPS = declare("raylm_train_steps_total", "counter", "steps", ("run",), "optimizer steps taken")
+TRAIN_STEP_SECONDS = declare(
+    "raylm_train_step_seconds", "histogram", "seconds", ("run",), "optimizer step time", LATENCY_BOUNDARIES
+)
+TRAIN_CHECKPOINT_SECONDS = declare(
+    "raylm_train_checkpoint_seconds",
+    "histogram",
+    "seconds",
+    ("run",),
+    "checkpoint save time",
+    LATENCY_BOUNDARIES,
+)
+
+# ---- serving -------------------------------------------------------------------------------------------
+SERVE_QUEUE_WAIT_SECONDS = declare(
+    "raylm_serve_queue_wait_seconds",
+    "histogram",
+    "seconds",
+    ("model",),
+    "request arrival to admission",
+    LATENCY_BOUNDARIES,
+)
+SERVE_TIME_TO_FIRST_TOKEN_SECONDS = declare(
+    "raylm_serve_time_to_first_token_seconds",
+    "histogram",
+    "seconds",
+    ("model",),
+    "request arrival to its first token",
+    LATENCY_BOUNDARIES,
+)
+SERVE_BATCH_SIZE = declare(
+    "raylm_serve_batch_size",
+    "histogram",
+    "sequences",
+    ("model",),
+    "sequences per decoding forward pass",
+    BATCH_SIZE_BOUNDARIES,
+)
+SERVE_TOKENS_GENERATED = declare(
+    "raylm_serve_tokens_generated_total", "counter", "tokens", ("model",), "completion tokens generated"
+)
 
 
 def _ray_ready() -> bool:
@@ -26,48 +130,37 @@ def _ray_ready() -> bool:
 
 
 @cache
-def _metric(
-    kind: str, name: str, tag_keys: tuple[str, ...], description: str, boundaries: tuple[float, ...] | None
-) -> Any:
+def _ray_metric(metric: Metric) -> Any:
     from ray.util import metrics
 
-    full = PREFIX + name
-    if kind == "gauge":
-        return metrics.Gauge(full, description=description, tag_keys=tag_keys)
-    if kind == "counter":
-        return metrics.Counter(full, description=description, tag_keys=tag_keys)
+    if metric.kind == "gauge":
+        return metrics.Gauge(metric.name, description=metric.description, tag_keys=metric.tag_keys)
+    if metric.kind == "counter":
+        return metrics.Counter(metric.name, description=metric.description, tag_keys=metric.tag_keys)
     return metrics.Histogram(
-        full, description=description, boundaries=list(boundaries or ()), tag_keys=tag_keys
+        metric.name,
+        description=metric.description,
+        boundaries=list(metric.boundaries),
+        tag_keys=metric.tag_keys,
     )
 
 
-def gauge(name: str, value: float, tags: dict[str, str] | None = None, description: str = "") -> None:
-    if _ray_ready():
-        tags = tags or {}
-        _metric("gauge", name, tuple(sorted(tags)), description, None).set(float(value), tags=tags)
-
-
-def counter(name: str, value: float = 1.0, tags: dict[str, str] | None = None, description: str = "") -> None:
-    if _ray_ready() and value > 0:
-        tags = tags or {}
-        _metric("counter", name, tuple(sorted(tags)), description, None).inc(float(value), tags=tags)
-
-
-DEFAULT_LATENCY_BOUNDARIES = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-
-
-def histogram(
-    name: str,
-    value: float,
-    tags: dict[str, str] | None = None,
-    description: str = "",
-    boundaries: tuple[float, ...] = DEFAULT_LATENCY_BOUNDARIES,
-) -> None:
-    if _ray_ready():
-        tags = tags or {}
-        _metric("histogram", name, tuple(sorted(tags)), description, boundaries).observe(
-            float(value), tags=tags
-        )
+def record(metric: Metric, value: float, tags: dict[str, str]) -> None:
+    """Set a gauge, add to a counter or observe a histogram value; tags must be the declared keys."""
+    if REGISTRY.get(metric.name) is not metric:
+        raise ValueError(f"metric {metric.name} is not declared in core/metrics.py")
+    if tuple(sorted(tags)) != metric.tag_keys:
+        raise ValueError(f"metric {metric.name} takes tags {metric.tag_keys}, got {tuple(sorted(tags))}")
+    if not _ray_ready():
+        return
+    handle = _ray_metric(metric)
+    if metric.kind == "gauge":
+        handle.set(float(value), tags=tags)
+    elif metric.kind == "counter":
+        if value > 0:
+            handle.inc(float(value), tags=tags)
+    else:
+        handle.observe(float(value), tags=tags)
 
 
 def rank() -> int:

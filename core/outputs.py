@@ -34,10 +34,6 @@ MARKER = ".raylm-output.json"
 SHOWN_ENTRIES = 3  # how many foreign entries an error message names
 
 
-def _join(folder: str, name: str) -> str:
-    return f"{folder.rstrip('/')}/{name}"
-
-
 def _entries(path: str) -> list[str] | None:
     """Names directly inside a folder; None when `path` does not exist; raises ConfigError for a file."""
     fs, p = storage.filesystem(path)
@@ -53,7 +49,7 @@ def _entries(path: str) -> list[str] | None:
 def output_kind(path: str) -> str | None:
     """The kind of raylm output at `path` (from its marker, else its manifest), or None if not raylm's."""
     for name in (MARKER, storage.MANIFEST):
-        uri = _join(path, name)
+        uri = storage.join(path, name)
         if not storage.exists(uri):
             continue
         try:
@@ -75,10 +71,10 @@ def is_raylm_output(path: str) -> bool:
 
 def claim(path: str, kind: str) -> None:
     """Mark a folder as raylm's output of `kind` before writing into it (creates it if needed)."""
-    if storage.exists(_join(path, MARKER)):
+    if storage.exists(storage.join(path, MARKER)):
         return
     storage.write_json(
-        _join(path, MARKER),
+        storage.join(path, MARKER),
         {"kind": kind, "writer": "raylm", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )
 
@@ -168,7 +164,7 @@ def check_folder_of_outputs(key: str, path: str) -> None:
         raise ConfigError(f"{key}: {path} is an existing file; it must be a folder")
     if output_kind(path) == "run":
         return
-    foreign = [e for e in entries if ".partial-" not in e and output_kind(_join(path, e)) is None]
+    foreign = [e for e in entries if ".partial-" not in e and output_kind(storage.join(path, e)) is None]
     if foreign:
         shown = ", ".join(foreign[:SHOWN_ENTRIES]) + (", ..." if len(foreign) > SHOWN_ENTRIES else "")
         raise ConfigError(

@@ -12,8 +12,10 @@ Ray job. Each numeric field also states the range that makes sense for it (`Fiel
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Any
+from urllib.parse import unquote, urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
@@ -34,13 +36,25 @@ def reject_bool(value: Any) -> Any:
     return value
 
 
+def absolute(path: str) -> str:
+    """An absolute local path (~ expanded); file:// URIs become local paths, other URIs (s3://bucket/x)
+    and builtin sources are returned unchanged. Stages, Ray workers (which run in other working
+    directories) and transformers' from_pretrained then all see one form, resolved against the directory
+    the command was started in."""
+    if path.lower().startswith("file://"):
+        path = unquote(urlsplit(path).path)
+    elif "://" in path or path.startswith("builtin:"):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def check_path(value: str) -> str:
     """A local path, or a URI whose scheme pyarrow.fs can open; raises ValueError otherwise."""
     if "\x00" in value:
         raise ValueError("a path cannot contain a NUL character")
     match = _SCHEME.match(value)
     if match is None:
-        return value  # a local path (relative ones are resolved by core/config.py)
+        return value  # a local path
     scheme, rest = match.group(1).lower(), value[match.end() :]
     if scheme not in URI_SCHEMES:
         supported = ", ".join(f"{s}://" for s in URI_SCHEMES)
@@ -63,8 +77,10 @@ Seed = Annotated[Int, Field(ge=0, le=SEED_MAX)]
 """A random seed in the range numpy, torch and random all accept."""
 Fraction = Annotated[Float, Field(ge=0, le=1)]
 """A share of something, 0 to 1."""
-PathOrUri = Annotated[str, Field(max_length=MAX_PATH_CHARS), AfterValidator(check_path)]
-"""A local path or a URI pyarrow.fs opens (s3://, gs://, gcs://, hdfs://, abfs://, ...)."""
+PathOrUri = Annotated[
+    str, Field(max_length=MAX_PATH_CHARS), AfterValidator(check_path), AfterValidator(absolute)
+]
+"""A local path (made absolute) or a URI pyarrow.fs opens (s3://, gs://, gcs://, hdfs://, abfs://, ...)."""
 
 
 class Section(BaseModel):

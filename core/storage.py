@@ -21,6 +21,11 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
+def join(base: str, *parts: str) -> str:
+    """Join path parts for local paths and URIs alike (os.path.join would mangle s3://)."""
+    return "/".join([base.rstrip("/"), *parts])
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path within it) for a local path or URI."""
     if is_remote(uri) or uri.startswith("file://"):

@@ -47,15 +47,24 @@ class Doc:
 
 class Filter:
     name = "filter"
+    reasons: tuple[str, ...] = ()
+    """Every reject reason this filter emits (the part before the colon); defaults to (name,)."""
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        if "reasons" not in cls.__dict__ and "name" in cls.__dict__:
+            cls.reasons = (cls.name,)
 
     def keep(self, doc: Doc) -> Verdict:
         raise NotImplementedError
 
 
 class WordCount(Filter):
+    name = "word_count"
+    reasons = ("min_words", "max_words")
+
     def __init__(self, lo: int | None, hi: int | None):
         self.lo, self.hi = lo, hi
-        self.name = "min_words"
 
     def keep(self, doc: Doc) -> Verdict:
         n = len(doc.words)
@@ -68,6 +77,7 @@ class WordCount(Filter):
 
 class MeanWordLength(Filter):
     name = "mean_word_length"
+    reasons = ("mean_word_length", "min_mean_word_length", "max_mean_word_length")
 
     def __init__(self, lo: float | None, hi: float | None):
         self.lo, self.hi = lo, hi
@@ -204,6 +214,10 @@ class BulletLines(Filter):
         return frac <= self.limit or (False, f"{self.name}: {frac:.3f} > {self.limit}")
 
 
+def _all_filters(cls: type[Filter] = Filter) -> list[type[Filter]]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_all_filters(sub))]
+
+
 def build_filters(cfg: FilterConfig) -> list[Filter]:
     """The filters a config switches on, cheapest first so most drops cost little."""
     filters: list[Filter] = []
@@ -230,7 +244,7 @@ def first_failure(filters: list[Filter], text: str) -> str | None:
     for f in filters:
         verdict = f.keep(doc)
         if verdict is not True:
-            return verdict[1] if isinstance(verdict, tuple) else f.name
+            return verdict[1] if isinstance(verdict, tuple) else f.reasons[0]
     return None
 
 
@@ -250,3 +264,7 @@ class QualityFilter:
 def reason_kind(reason: pa.ChunkedArray) -> pa.ChunkedArray:
     """'min_words: 12 < 50' -> 'min_words' (the part before the colon), for counting drops by reason."""
     return pc.replace_substring_regex(reason, r"[:\[].*$", "")
+
+
+# Every reason a quality filter may give; curation counts drops by these and fails on any other.
+FILTER_REASONS = frozenset(reason for cls in _all_filters() for reason in cls.reasons)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -17,15 +18,15 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core import outputs, storage
+from core import metrics, outputs, storage
+from core.artifacts import CLUSTERS_FILE, CURATED, CuratedDir
 from core.config import PlatformConfig, dump_config
 from core.errors import InputError
 from core.lineage import fingerprint, read_manifest, write_manifest
-from core.metrics import counter, gauge
 from pipelines import readers
 from pipelines.config import DataConfig
 from pipelines.dedup.exact import exact_duplicates
-from pipelines.filters import QualityFilter, reason_kind
+from pipelines.filters import FILTER_REASONS, QualityFilter, reason_kind
 from pipelines.normalize import NORMALIZE_REASONS, Normalize, ScrubPII
 from pipelines.pack import SPLITS, add_bucket, eval_split, num_buckets, pack_group
 from pipelines.readers import READ_REASONS
@@ -35,8 +36,6 @@ from pipelines.unique_ids import set_aside_later_claims
 from pipelines.write import write_shards, write_table
 
 log = logging.getLogger("raylm")
-
-CURATED = "curated"  # the kind of output this stage writes (its manifest's and marker's `kind`)
 
 
 @dataclass
@@ -161,6 +160,16 @@ def _train_or_load_tokenizer(data: DataConfig, docs, n_docs: int, out_dir: str) 
     )
 
 
+def drops_by_stage(drops: dict[str, int]) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """Drops split by the stage that declares their reason (read, normalize, filters). A reason no stage
+    declares is a bug, not a filter drop: it fails the run instead of being miscounted."""
+    declared = (READ_REASONS, NORMALIZE_REASONS, FILTER_REASONS)
+    unknown = set(drops) - set().union(*declared)
+    if unknown:
+        raise RuntimeError(f"curation bug: reject reasons {sorted(unknown)} are declared by no stage")
+    return tuple({k: v for k, v in drops.items() if k in reasons} for reasons in declared)
+
+
 def check_counts_never_grow(stages: list[tuple[str, int]]) -> None:
     """Each stage passes on at most the documents it received; more means rows were duplicated on the
     way (ids repeated across a join, say), and the output must not be written."""
@@ -179,184 +188,234 @@ def _num_partitions() -> int:
     return max(2, int(ray.cluster_resources().get("CPU", 2)))
 
 
-def run(cfg: PlatformConfig) -> dict:
-    import ray.data  # Ray itself is initialised by the CLI's session
+@dataclass
+class Tally:
+    """What each phase counted, filled in as the run goes; the driver only ever sees these numbers."""
 
-    data = cfg.data
-    out = data.output
+    rows_read: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+    after_filters: int = 0
+    after_exact_dedup: int = 0
+    after_near_dedup: int = 0
+    clustered: int = 0
+    eval_documents: int = 0
+    tokens: int = 0
+    vocab: int = 0
+    shards: dict[str, list[dict]] = field(default_factory=dict)
+
+
+def run(cfg: PlatformConfig) -> dict:
+    """Curate cfg.data (Ray is already initialised by the CLI's session); returns the manifest."""
+    data, out = cfg.data, cfg.data.output
     check_output(cfg)  # again: run() is also called without the CLI (tests, notebooks)
     if storage.is_complete(out) and outputs.output_kind(out) == CURATED:
         log.info("curated data at %s is complete; nothing to do (delete the folder to curate again)", out)
         return read_manifest(out)
 
     inputs = readers.find_inputs(data.sources)
-    files = inputs.files
-    in_bytes = sum(f.size for f in files)
-    log.info("curating %d files (%.1f MB) into %s", len(files), in_bytes / 1e6, out)
+    in_bytes = sum(f.size for f in inputs.files)
+    log.info("curating %d files (%.1f MB) into %s", len(inputs.files), in_bytes / 1e6, out)
     if inputs.skipped:
         log.info("files not read: %s", _skipped_line(inputs.skipped))
-    parts = _num_partitions()
-    times = Timings()
+    parts, times, tally = _num_partitions(), Timings(), Tally()
 
     outputs.claim_run_dir(cfg.run_dir, out)
     with outputs.staged_output(out, CURATED) as tmp:
-        # 1. read, normalize, scrub, filter: one streaming pass, materialized for its two consumers;
-        # then a later document claiming an earlier one's id is set aside (pipelines/unique_ids.py).
-        cleaned = _clean(data, files).materialize()
-        cleaned = set_aside_later_claims(cleaned, parts).materialize()
-        rejected = cleaned.map_batches(_keep_rejected, batch_format="pyarrow")
-        kept = cleaned.map_batches(_keep_clean, batch_format="pyarrow").materialize()
-        n_read = cleaned.count()
-        drops = _drops_by_reason(rejected)
-        n_kept = kept.count()
-        if not data.write_rejects:
-            rejected = rejected.map_batches(
-                lambda t: t.filter(pc.is_in(reason_kind(t.column("reject")), pa.array(sorted(READ_REASONS)))),
-                batch_format="pyarrow",
-            )
-        if rejected.count():
-            rejected.write_parquet(f"{tmp}/rejects")
+        staging = CuratedDir(tmp)
+        kept = _read_clean_filter(data, inputs.files, parts, staging, tally)
         times.lap("read_clean_filter")
-        if n_kept == 0:
-            kept_at = outputs.publish_incomplete(tmp, out, CURATED, ["rejects"])
-            raise InputError(
-                f"data.sources: no documents left to curate: {n_read} rows read, all rejected "
-                f"({_skipped_line(drops)}); the rejected rows and their reasons are in {kept_at}/rejects"
-            )
-
-        # 2. exact dedup (one hash shuffle), 3. near dedup (MinHash LSH + connected components on Ray).
-        labelled = exact_duplicates(kept, parts).materialize()
-        survivors = labelled.filter(expr="id == keep_id").drop_columns(["text_hash", "keep_id"]).materialize()
-        exact_dups = labelled.filter(expr="id != keep_id").select_columns(["id", "keep_id"])
-        n_exact = survivors.count()
-        times.lap("exact_dedup")
-        near = _near_clusters(survivors, data).materialize()
-        clusters = _cluster_table(exact_dups, near, parts)
-        n_clustered = write_table(clusters, f"{tmp}/dedup", "clusters.parquet")
-        keep_ids = near.filter(expr="kept").select_columns(["id"])
-        final = survivors.join(keep_ids, join_type="inner", num_partitions=parts, on=("id",))
-        final = final.map_batches(
-            lambda t: t.append_column("split", eval_split(t.column("id"), data.eval_fraction)),
-            batch_format="pyarrow",
-        ).materialize()
-        n_final = final.count()
-        final.write_parquet(f"{tmp}/docs")
-        times.lap("near_dedup_and_docs")
-
-        # 4. tokenizer, 5. tokenize + pack + shard per split.
-        vocab = _train_or_load_tokenizer(data, final, n_final, f"{tmp}/tokenizer")
-        times.lap("tokenizer")
-        tokenized = final.map_batches(
-            Tokenize,
-            fn_constructor_kwargs={"tokenizer_dir": f"{tmp}/tokenizer"},
-            batch_format="pyarrow",
-            batch_size=data.batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=parts),
-        ).materialize()
-        n_tokens = int(
-            tokenized.map_batches(
-                lambda t: pa.table({"n": pc.list_value_length(t.column("input_ids"))}), batch_format="pyarrow"
-            ).sum("n")
-            or 0
-        )
-        buckets = num_buckets(n_final)
-        packed = (
-            tokenized.map_batches(add_bucket, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
-            .groupby("bucket", num_partitions=min(parts, buckets))
-            .map_groups(pack_group, fn_kwargs={"seq_len": data.seq_len}, batch_format="pyarrow")
-            .sort(["bucket", "seq_index"])
-            .materialize()
-        )
-        shards = {}
-        for split in SPLITS:
-            part = packed.filter(expr=f"split == '{split}'").select_columns(["input_ids"])
-            shards[split] = write_shards(part, f"{tmp}/shards", split, data.rows_per_shard)
+        final = _deduplicate(kept, data, parts, staging, tally, times)
+        _tokenize_and_shard(final, data, parts, staging, tally)
         times.lap("tokenize_pack_write")
+        counts = _write_manifest(staging, data, inputs, tally, times)
 
-        sequences = {s: sum(x["rows"] for x in shards[s]) for s in SPLITS}
-        packed_tokens = sum(sequences.values()) * data.seq_len
-        read_drops = {k: v for k, v in drops.items() if k in READ_REASONS}
-        norm_drops = {k: v for k, v in drops.items() if k in NORMALIZE_REASONS}
-        filter_drops = {k: v for k, v in drops.items() if k not in READ_REASONS | NORMALIZE_REASONS}
-        n_valid = n_read - sum(read_drops.values())
-        n_normalized = n_valid - sum(norm_drops.values())
-        check_counts_never_grow(
-            [
-                ("rows read", n_read),
-                ("documents read", n_valid),
-                ("normalize", n_normalized),
-                ("quality filters", n_kept),
-                ("exact dedup", n_exact),
-                ("near dedup", n_final),
-            ]
-        )
-        if n_clustered != n_kept:
-            raise RuntimeError(f"dedup/clusters.parquet has {n_clustered} rows for {n_kept} documents")
-        counts = {
-            "files": len(files),
-            "input_bytes": in_bytes,
-            "rows_read": n_read,
-            "documents_read": n_valid,
-            "after_normalize": n_normalized,
-            "after_filters": n_kept,
-            "after_exact_dedup": n_exact,
-            "after_near_dedup": n_final,
-            "clustered_documents": n_clustered,
-            "eval_documents": final.filter(expr="split == 'eval'").count(),
-            "tokens": n_tokens,
-            "packed_tokens": packed_tokens,
-            "tokens_dropped_in_packing": n_tokens - packed_tokens,
-            "sequences": sequences,
-        }
-        stage_rows = [
-            StageRow("read", n_read, n_valid, times.seconds["read_clean_filter"], in_bytes),
-            StageRow("normalize", n_valid, n_normalized),
-            StageRow("quality filters", n_normalized, n_kept),
-            StageRow("exact dedup", n_kept, n_exact, times.seconds["exact_dedup"]),
-            StageRow("near dedup", n_exact, n_final, times.seconds["near_dedup_and_docs"]),
-            StageRow(
-                "tokenize + pack",
-                n_final,
-                n_final,
-                times.seconds["tokenizer"] + times.seconds["tokenize_pack_write"],
-            ),
-        ]
-        total = sum(times.seconds.values())
-        summary = render_summary(stage_rows, total, in_bytes) + (
-            f"\nfiles not read: {_skipped_line(inputs.skipped) or 'none'}"
-            f"\n{n_tokens:,} tokens -> {sequences['train']:,} train + {sequences['eval']:,} eval sequences of "
-            f"{data.seq_len} ({n_tokens - packed_tokens:,} tail tokens dropped in packing); vocab {vocab:,}"
-        )
-        write_manifest(
-            tmp,
-            CURATED,
-            dump_config(data),
-            inputs={
-                "fingerprint": fingerprint([(f.path, f.size, f.mtime) for f in files]),
-                "files": len(files),
-                "bytes": in_bytes,
-                "skipped_files": dict(sorted(inputs.skipped.items())),
-            },
-            counts=counts,
-            drops={"read": read_drops, "normalize": norm_drops, "filters": filter_drops},
-            timings={
-                **times.seconds,
-                "total": round(total, 3),
-                "mb_per_s": round(in_bytes / 1e6 / max(total, 1e-9), 3),
-            },
-            seq_len=data.seq_len,
-            vocab_size=vocab,
-            shards=shards,
-            dedup={
-                "exact_duplicates": n_kept - n_exact,
-                "near_duplicates": n_exact - n_final,
-                **data.near_dedup.model_dump(),
-            },
-        )
-
-    for name, value in (("documents_in", n_valid), ("documents_out", n_final), ("tokens", packed_tokens)):
-        gauge(f"curate_{name}", value, {"run": cfg.name})
-    counter("curate_runs_total", 1, {"run": cfg.name})
-    print(summary, flush=True)
+    tags = {"run": cfg.name}
+    metrics.record(metrics.CURATE_DOCUMENTS_IN, counts["documents_read"], tags)
+    metrics.record(metrics.CURATE_DOCUMENTS_OUT, counts["after_near_dedup"], tags)
+    metrics.record(metrics.CURATE_TOKENS, counts["packed_tokens"], tags)
+    metrics.record(metrics.CURATE_RUNS, 1, tags)
+    print(_summary(counts, times, inputs, data.seq_len, tally.vocab), flush=True)
     log.info("curated data written to %s", out)
     return read_manifest(out)
+
+
+def _read_clean_filter(data: DataConfig, files, parts: int, staging: CuratedDir, tally: Tally):
+    """1. read, normalize, scrub, filter: one streaming pass, materialized for its two consumers (kept
+    rows and rejects); a later document claiming an earlier one's id is set aside (unique_ids.py)."""
+    cleaned = _clean(data, files).materialize()
+    cleaned = set_aside_later_claims(cleaned, parts).materialize()
+    rejected = cleaned.map_batches(_keep_rejected, batch_format="pyarrow")
+    kept = cleaned.map_batches(_keep_clean, batch_format="pyarrow").materialize()
+    tally.rows_read, tally.drops, tally.after_filters = (
+        cleaned.count(),
+        _drops_by_reason(rejected),
+        kept.count(),
+    )
+    if not data.write_rejects:
+        rejected = rejected.map_batches(_keep_read_rejects, batch_format="pyarrow")
+    if rejected.count():
+        rejected.write_parquet(staging.rejects)
+    if tally.after_filters == 0:
+        final = data.output
+        kept_at = outputs.publish_incomplete(
+            staging.root, final, CURATED, [os.path.basename(staging.rejects)]
+        )
+        raise InputError(
+            f"data.sources: no documents left to curate: {tally.rows_read} rows read, all rejected "
+            f"({_skipped_line(tally.drops)}); the rejected rows and their reasons are in "
+            f"{CuratedDir(kept_at).rejects}"
+        )
+    return kept
+
+
+def _keep_read_rejects(t: pa.Table) -> pa.Table:
+    return t.filter(pc.is_in(reason_kind(t.column("reject")), pa.array(sorted(READ_REASONS))))
+
+
+def _deduplicate(kept, data: DataConfig, parts: int, staging: CuratedDir, tally: Tally, times: Timings):
+    """2. exact dedup (one hash shuffle), 3. near dedup (MinHash LSH + connected components on Ray);
+    writes dedup/clusters.parquet and docs/, returns the kept documents with their split."""
+    labelled = exact_duplicates(kept, parts).materialize()
+    survivors = labelled.filter(expr="id == keep_id").drop_columns(["text_hash", "keep_id"]).materialize()
+    exact_dups = labelled.filter(expr="id != keep_id").select_columns(["id", "keep_id"])
+    tally.after_exact_dedup = survivors.count()
+    times.lap("exact_dedup")
+    near = _near_clusters(survivors, data).materialize()
+    tally.clustered = write_table(_cluster_table(exact_dups, near, parts), staging.dedup, CLUSTERS_FILE)
+    keep_ids = near.filter(expr="kept").select_columns(["id"])
+    final = survivors.join(keep_ids, join_type="inner", num_partitions=parts, on=("id",))
+    final = final.map_batches(
+        lambda t: t.append_column("split", eval_split(t.column("id"), data.eval_fraction)),
+        batch_format="pyarrow",
+    ).materialize()
+    tally.after_near_dedup = final.count()
+    tally.eval_documents = final.filter(expr="split == 'eval'").count()
+    final.write_parquet(staging.docs)
+    times.lap("near_dedup_and_docs")
+    return final
+
+
+def _tokenize_and_shard(final, data: DataConfig, parts: int, staging: CuratedDir, tally: Tally) -> None:
+    """4. tokenizer (trained or loaded), 5. tokenize + pack into seq_len rows + balanced shards per split."""
+    import ray.data
+
+    tally.vocab = _train_or_load_tokenizer(data, final, tally.after_near_dedup, staging.tokenizer)
+    tokenized = final.map_batches(
+        Tokenize,
+        fn_constructor_kwargs={"tokenizer_dir": staging.tokenizer},
+        batch_format="pyarrow",
+        batch_size=data.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=parts),
+    ).materialize()
+    lengths = tokenized.map_batches(
+        lambda t: pa.table({"n": pc.list_value_length(t.column("input_ids"))}), batch_format="pyarrow"
+    )
+    tally.tokens = int(lengths.sum("n") or 0)
+    buckets = num_buckets(tally.after_near_dedup)
+    packed = (
+        tokenized.map_batches(add_bucket, fn_kwargs={"buckets": buckets}, batch_format="pyarrow")
+        .groupby("bucket", num_partitions=min(parts, buckets))
+        .map_groups(pack_group, fn_kwargs={"seq_len": data.seq_len}, batch_format="pyarrow")
+        .sort(["bucket", "seq_index"])
+        .materialize()
+    )
+    for split in SPLITS:
+        part = packed.filter(expr=f"split == '{split}'").select_columns(["input_ids"])
+        tally.shards[split] = write_shards(part, staging.shards, split, data.rows_per_shard)
+
+
+def _sequences(tally: Tally) -> dict[str, int]:
+    return {s: sum(x["rows"] for x in tally.shards.get(s, [])) for s in SPLITS}
+
+
+def _counts(tally: Tally, inputs: readers.Inputs, in_bytes: int, seq_len: int) -> dict:
+    """The manifest's counts, after checking that no stage passed on more documents than it got."""
+    read_drops, norm_drops, _ = drops_by_stage(tally.drops)
+    n_valid = tally.rows_read - sum(read_drops.values())
+    n_normalized = n_valid - sum(norm_drops.values())
+    check_counts_never_grow(
+        [
+            ("rows read", tally.rows_read),
+            ("documents read", n_valid),
+            ("normalize", n_normalized),
+            ("quality filters", tally.after_filters),
+            ("exact dedup", tally.after_exact_dedup),
+            ("near dedup", tally.after_near_dedup),
+        ]
+    )
+    if tally.clustered != tally.after_filters:
+        raise RuntimeError(f"{CLUSTERS_FILE} has {tally.clustered} rows for {tally.after_filters} documents")
+    sequences = _sequences(tally)
+    packed_tokens = sum(sequences.values()) * seq_len
+    return {
+        "files": len(inputs.files),
+        "input_bytes": in_bytes,
+        "rows_read": tally.rows_read,
+        "documents_read": n_valid,
+        "after_normalize": n_normalized,
+        "after_filters": tally.after_filters,
+        "after_exact_dedup": tally.after_exact_dedup,
+        "after_near_dedup": tally.after_near_dedup,
+        "clustered_documents": tally.clustered,
+        "eval_documents": tally.eval_documents,
+        "tokens": tally.tokens,
+        "packed_tokens": packed_tokens,
+        "tokens_dropped_in_packing": tally.tokens - packed_tokens,
+        "sequences": sequences,
+    }
+
+
+def _summary(counts: dict, times: Timings, inputs: readers.Inputs, seq_len: int, vocab: int) -> str:
+    """The table printed at the end: documents in and out per stage, time and throughput."""
+    c, t = counts, times.seconds
+    rows = [
+        StageRow("read", c["rows_read"], c["documents_read"], t["read_clean_filter"], c["input_bytes"]),
+        StageRow("normalize", c["documents_read"], c["after_normalize"]),
+        StageRow("quality filters", c["after_normalize"], c["after_filters"]),
+        StageRow("exact dedup", c["after_filters"], c["after_exact_dedup"], t["exact_dedup"]),
+        StageRow("near dedup", c["after_exact_dedup"], c["after_near_dedup"], t["near_dedup_and_docs"]),
+        StageRow("tokenize + pack", c["after_near_dedup"], c["after_near_dedup"], t["tokenize_pack_write"]),
+    ]
+    seqs = c["sequences"]
+    return render_summary(rows, sum(t.values()), c["input_bytes"]) + (
+        f"\nfiles not read: {_skipped_line(inputs.skipped) or 'none'}"
+        f"\n{c['tokens']:,} tokens -> {seqs['train']:,} train + {seqs['eval']:,} eval sequences of "
+        f"{seq_len} ({c['tokens_dropped_in_packing']:,} tail tokens dropped in packing); vocab {vocab:,}"
+    )
+
+
+def _write_manifest(
+    staging: CuratedDir, data: DataConfig, inputs: readers.Inputs, tally: Tally, times: Timings
+) -> dict:
+    """manifest.json, written last (it marks the folder complete); returns its counts."""
+    in_bytes = sum(f.size for f in inputs.files)
+    counts = _counts(tally, inputs, in_bytes, data.seq_len)
+    read_drops, norm_drops, filter_drops = drops_by_stage(tally.drops)
+    total = sum(times.seconds.values())
+    write_manifest(
+        staging.root,
+        CURATED,
+        dump_config(data),
+        inputs={
+            "fingerprint": fingerprint([(f.path, f.size, f.mtime) for f in inputs.files]),
+            "files": len(inputs.files),
+            "bytes": in_bytes,
+            "skipped_files": dict(sorted(inputs.skipped.items())),
+        },
+        counts=counts,
+        drops={"read": read_drops, "normalize": norm_drops, "filters": filter_drops},
+        timings={
+            **times.seconds,
+            "total": round(total, 3),
+            "mb_per_s": round(in_bytes / 1e6 / max(total, 1e-9), 3),
+        },
+        seq_len=data.seq_len,
+        vocab_size=tally.vocab,
+        shards=tally.shards,
+        dedup={
+            "exact_duplicates": tally.after_filters - tally.after_exact_dedup,
+            "near_duplicates": tally.after_exact_dedup - tally.after_near_dedup,
+            **data.near_dedup.model_dump(),
+        },
+    )
+    return counts

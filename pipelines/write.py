@@ -7,6 +7,7 @@ import math
 import pyarrow.parquet as pq
 
 from core import storage
+from core.artifacts import CuratedDir
 
 
 def _move_written(tmp_dir: str, final_names: list[str], folder: str) -> list[str]:
@@ -35,7 +36,7 @@ def write_shards(ds, folder: str, prefix: str, rows_per_shard: int) -> list[dict
     tmp = f"{folder.rstrip('/')}/_tmp_{prefix}"
     # Split-based repartition (no shuffle) gives exactly n_shards blocks of near-equal size, one file each.
     ds.repartition(n_shards, shuffle=False).write_parquet(tmp, min_rows_per_file=1)
-    names = [f"{prefix}-{i:05d}.parquet" for i in range(n_shards)]
+    names = [CuratedDir.shard_name(prefix, i) for i in range(n_shards)]
     paths = _move_written(tmp, names, folder)
     return [{"file": name, "rows": _num_rows(p)} for name, p in zip(names, paths)]
 

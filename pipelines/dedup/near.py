@@ -247,25 +247,7 @@ def near_duplicate_clusters(
         )
         for p in range(P)
     ]
-    if cfg.verify:
-        # Route each shared bucket member's shingle set to the bucket partitions that hold it.
-        sets = [
-            _as_list(
-                _fetch_sets.options(num_returns=P).remote(P, sets_by_node[q], *[g[1 + q] for g in grouped])
-            )
-            for q in range(P)
-        ]
-        edges = [
-            _as_list(
-                _verified_edges.options(num_returns=P).remote(
-                    P, cfg.threshold, grouped[p][0], *[s[p] for s in sets]
-                )
-            )
-            for p in range(P)
-        ]
-        del sets
-    else:
-        edges = grouped
+    edges = _edges(grouped, sets_by_node, cfg, P)
     # Dropping the driver's refs lets Ray free each intermediate as soon as its consumers are done.
     del doc_parts, bucket_parts, grouped, sets_by_node
     labels = connected_components(edges, P)
@@ -280,3 +262,23 @@ def near_duplicate_clusters(
 
 def _as_list(ret) -> list:
     return ret if isinstance(ret, list) else [ret]
+
+
+def _edges(grouped: list[list], sets_by_node: list, cfg: NearDedupConfig, P: int) -> list[list]:
+    """Per bucket partition, the star edges to link: all of them without the exact check, else only
+    those whose exact Jaccard on the shingles reaches the threshold."""
+    if not cfg.verify:
+        return grouped
+    # Route each shared bucket member's shingle set to the bucket partitions that hold it.
+    sets = [
+        _as_list(_fetch_sets.options(num_returns=P).remote(P, sets_by_node[q], *[g[1 + q] for g in grouped]))
+        for q in range(P)
+    ]
+    return [
+        _as_list(
+            _verified_edges.options(num_returns=P).remote(
+                P, cfg.threshold, grouped[p][0], *[s[p] for s in sets]
+            )
+        )
+        for p in range(P)
+    ]

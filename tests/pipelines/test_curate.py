@@ -8,66 +8,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from core import storage
+from core.artifacts import CuratedDir, RunDir
 from core.config import build_config
 from core.errors import InputError
 from core.lineage import read_manifest
 from pipelines.run import run
+from tests.synthetic import document
 
 pytestmark = pytest.mark.slow
-
-VOCAB = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "that",
-    "with",
-    "have",
-    "be",
-    "river",
-    "village",
-    "market",
-    "summer",
-    "winter",
-    "children",
-    "people",
-    "water",
-    "bread",
-    "cloth",
-    "tools",
-    "stone",
-    "forest",
-    "road",
-    "city",
-    "morning",
-    "letter",
-    "window",
-    "garden",
-    "mountain",
-    "teacher",
-    "doctor",
-    "farmer",
-    "music",
-    "story",
-    "history",
-    "science",
-    "language",
-    "number",
-    "family",
-    "friend",
-    "house",
-    "table",
-    "paper",
-    "light",
-    "color",
-    "voice",
-]
-
-
-def document(rng: random.Random, n_words: int = 120) -> str:
-    words = [rng.choice(VOCAB) for _ in range(n_words)]
-    return " ".join(" ".join(words[i : i + 12]).capitalize() + "." for i in range(0, n_words, 12))
 
 
 @pytest.fixture(scope="module")
@@ -122,14 +70,14 @@ def test_contract_layout(curated):
     for split in ("train", "eval"):
         assert m["shards"][split], f"no {split} shards"
         for shard in m["shards"][split]:
-            t = pq.read_table(f"{curated}/shards/{shard['file']}")
+            t = pq.read_table(storage.join(CuratedDir(curated).shards, shard["file"]))
             assert t.column_names == ["input_ids"] and t.num_rows == shard["rows"]
             assert set(pc.list_value_length(t["input_ids"]).to_pylist()) == {32}
     rows = [s["rows"] for s in m["shards"]["train"]]
     assert len(rows) > 1 and max(rows) - min(rows) <= 1, f"unbalanced shards {rows}"
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(f"{curated}/tokenizer")
+    tok = AutoTokenizer.from_pretrained(CuratedDir(curated).tokenizer)
     assert tok.eos_token == "<|endoftext|>" and len(tok) == m["vocab_size"]
 
 
@@ -142,7 +90,7 @@ def test_malformed_input_is_quarantined_with_counts(curated):
         "missing_text_field": 1,
     }
     assert m["drops"]["filters"] == {"min_words": 1}
-    rejects = pq.read_table(f"{curated}/rejects")
+    rejects = pq.read_table(CuratedDir(curated).rejects)
     assert rejects.num_rows == 5
     assert "{broken json" in rejects.column("text").to_pylist()
 
@@ -151,12 +99,12 @@ def test_exact_duplicates_removed_and_clustered(curated):
     m = read_manifest(curated)
     c = m["counts"]
     assert c["after_filters"] == 130 and c["after_exact_dedup"] == 120
-    clusters = pq.read_table(f"{curated}/dedup/clusters.parquet").to_pylist()
+    clusters = pq.read_table(CuratedDir(curated).clusters).to_pylist()
     assert len(clusters) == 130
     by_id = {r["id"]: r for r in clusters}
     copy = by_id["z-copy-of-d003"]
     assert not copy["kept"] and copy["cluster_id"] == by_id["d003"]["cluster_id"] and by_id["d003"]["kept"]
-    docs = pq.read_table(f"{curated}/docs")
+    docs = pq.read_table(CuratedDir(curated).docs)
     assert docs.num_rows == c["after_near_dedup"] and not any(
         i.startswith("z-copy") for i in docs["id"].to_pylist()
     )
@@ -176,7 +124,7 @@ def test_corpus_with_no_usable_document_is_an_input_error(ray_cluster, tmp_path)
     (tmp_path / "in" / "a.jsonl").write_text("{not json\n")
     with pytest.raises(InputError, match="no documents left"):
         run(config(tmp_path / "in", tmp_path / "out"))
-    assert not storage.is_complete(str(tmp_path / "out" / "curated"))
+    assert not storage.is_complete(RunDir(str(tmp_path / "out")).curated.root)
 
 
 def test_curation_is_deterministic(ray_cluster, corpus, curated, tmp_path):
@@ -186,6 +134,6 @@ def test_curation_is_deterministic(ray_cluster, corpus, curated, tmp_path):
     first, second = read_manifest(curated), read_manifest(cfg.data.output)
     assert first["shards"] == second["shards"]
     for shard in first["shards"]["train"]:
-        a = pq.read_table(f"{curated}/shards/{shard['file']}")
-        b = pq.read_table(f"{cfg.data.output}/shards/{shard['file']}")
+        a = pq.read_table(storage.join(CuratedDir(curated).shards, shard["file"]))
+        b = pq.read_table(storage.join(CuratedDir(cfg.data.output).shards, shard["file"]))
         assert a.equals(b)

@@ -13,13 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from core import outputs, storage
+from core.artifacts import CuratedDir
 from core.cli import main
 from core.config import build_config
 from core.errors import InputError
 from core.lineage import read_manifest
 from pipelines import readers, unique_ids
 from pipelines.run import run
-from tests.fake_text import sample_text
+from tests.synthetic import sample_text
 
 pytestmark = pytest.mark.slow
 
@@ -91,14 +92,14 @@ def test_ids_are_unique_downstream_and_the_first_claim_wins(curated, hostile):
     _, text = hostile
     m = read_manifest(curated)
     assert m["drops"]["read"][readers.DUPLICATE_ID] == 11  # d005 once, d020..d029 once each
-    docs = pq.read_table(f"{curated}/docs").to_pylist()
+    docs = pq.read_table(CuratedDir(curated).docs).to_pylist()
     ids = [d["id"] for d in docs]
     assert len(ids) == len(set(ids))
     by_id = {d["id"]: d["text"] for d in docs}
     assert by_id["d005"] == text["d005"][0] and by_id["d025"] == text["d025"][0]
-    clusters = pq.read_table(f"{curated}/dedup/clusters.parquet")
+    clusters = pq.read_table(CuratedDir(curated).clusters)
     assert len(set(clusters["id"].to_pylist())) == clusters.num_rows == m["counts"]["after_filters"]
-    rejects = pq.read_table(f"{curated}/rejects").to_pylist()
+    rejects = pq.read_table(CuratedDir(curated).rejects).to_pylist()
     later = [r for r in rejects if r["reject"].startswith(readers.DUPLICATE_ID)]
     assert {r["id"] for r in later} == {"d005"} | {f"d{i:03d}" for i in range(20, 30)}
     assert all("part-0.jsonl:" in r["reject"] for r in later), "the reason says where the id was first"
@@ -116,7 +117,7 @@ def test_bom_surrogate_and_truncation_are_handled(curated, hostile):
     m = read_manifest(curated)
     assert m["drops"]["read"][readers.INVALID_UNICODE] == 1
     assert m["drops"]["read"][readers.TRUNCATED_FILE] == 1
-    docs = {d["id"] for d in pq.read_table(f"{curated}/docs").to_pylist()}
+    docs = {d["id"] for d in pq.read_table(CuratedDir(curated).docs).to_pylist()}
     assert "d000" in docs, "the first document after the byte-order mark is kept"
     assert len([i for i in docs if i.startswith("g")]) >= 20, "lines before the truncation are kept"
 
@@ -158,7 +159,7 @@ def test_all_rejected_keeps_the_rejects_readable(ray_cluster, tmp_path):
         run(cfg)
     out = cfg.data.output
     assert not storage.is_complete(out)
-    reasons = sorted(r.split(":")[0] for r in pq.read_table(f"{out}/rejects")["reject"].to_pylist())
+    reasons = sorted(r.split(":")[0] for r in pq.read_table(CuratedDir(out).rejects)["reject"].to_pylist())
     assert reasons == [readers.MALFORMED_JSON, readers.MISSING_TEXT_FIELD]
     # A rerun with a fixed corpus may replace that incomplete output.
     outputs.check_output("data.output", out, "curated")

@@ -15,7 +15,7 @@ from pipelines.dedup.minhash import (
     split_words,
     unique_per_text,
 )
-from pipelines.synthetic import generate_corpus
+from tests.synthetic import generate_corpus
 
 
 def test_words_are_lowercased_runs_of_letters_digits_underscore():

@@ -15,7 +15,7 @@ from pipelines.config import NearDedupConfig
 from pipelines.dedup.minhash import shingle_hashes, shingle_sets, unique_per_text
 from pipelines.dedup.near import bands_and_rows, near_duplicate_clusters
 from pipelines.dedup.verify import merge_packs, pack_from_offsets, verified_star_edges
-from pipelines.synthetic import generate_corpus, read_truth, score_clusters, write_corpus
+from tests.synthetic import generate_corpus, read_truth, score_clusters, write_corpus
 
 
 @pytest.fixture(scope="module")

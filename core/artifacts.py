@@ -1,0 +1,170 @@
+"""The folders between stages: where each file lives, how to check one, and its manifest.
+
+Producers (pipelines/, training/, serving/), consumers, tests and benchmarks all use these classes, so a
+layout path is spelled here and nowhere else. Each class wraps the folder's root (a local path or an
+s3:// / gs:// URI) and names its parts; `validate()` raises InputError naming what is missing.
+
+    run_dir/                      RunDir
+      curated/                    CuratedDir  (raylm curate)
+        shards/{split}-NNNNN.parquet, tokenizer/, docs/, dedup/clusters.parquet, rejects/, manifest.json
+      train/                      TrainDir    (raylm train)
+        checkpoints/, export/ (ExportDir), metrics.jsonl, loss_curve.png, manifest.json
+      serve/serve_config.yaml     (raylm serve)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from core import lineage, storage
+from core.errors import InputError
+from core.storage import join
+
+# The `kind` of each stage's output (in its manifest and its core/outputs.py marker).
+CURATED, TRAIN, SERVE, RUN = "curated", "train", "serve", "run"
+EXPORT_MODEL, EXPORT_ADAPTER = "model", "adapter"
+SPLITS = ("train", "eval")
+CLUSTERS_FILE = "clusters.parquet"
+
+
+@dataclass(frozen=True)
+class CuratedDir:
+    """The curation output: token shards, tokenizer, kept documents, dedup clusters, rejects."""
+
+    root: str
+
+    @property
+    def shards(self) -> str:
+        return join(self.root, "shards")
+
+    @property
+    def tokenizer(self) -> str:
+        return join(self.root, "tokenizer")
+
+    @property
+    def docs(self) -> str:
+        return join(self.root, "docs")
+
+    @property
+    def dedup(self) -> str:
+        return join(self.root, "dedup")
+
+    @property
+    def clusters(self) -> str:
+        return join(self.dedup, CLUSTERS_FILE)
+
+    @property
+    def rejects(self) -> str:
+        return join(self.root, "rejects")
+
+    @property
+    def manifest(self) -> str:
+        return join(self.root, storage.MANIFEST)
+
+    @staticmethod
+    def shard_name(split: str, index: int) -> str:
+        return f"{split}-{index:05d}.parquet"
+
+    def shard_files(self, split: str) -> list[str]:
+        """The shards of one split, in order."""
+        return [
+            f
+            for f in storage.list_files(self.shards, ".parquet")
+            if f.rsplit("/", 1)[-1].startswith(f"{split}-")
+        ]
+
+    def validate(self, key: str = "train.data_dir") -> dict[str, Any]:
+        """The manifest of a complete curated folder with what training needs; InputError otherwise."""
+        if not storage.is_complete(self.root):
+            raise InputError(
+                f"{key} {self.root} is not a complete curated folder (no {storage.MANIFEST}); "
+                "run `raylm curate` first or point it at one"
+            )
+        manifest = lineage.read_manifest(self.root)
+        if manifest.get("kind") != CURATED or "seq_len" not in manifest:
+            raise InputError(
+                f"{key} {self.root}: manifest.json is not a curated manifest (kind={manifest.get('kind')!r})"
+            )
+        if not self.shard_files("train"):
+            raise InputError(f"{key} {self.root} has no shards/train-*.parquet")
+        if not storage.exists(self.tokenizer):
+            raise InputError(f"{key} {self.root} has no tokenizer/ folder")
+        return manifest
+
+
+@dataclass(frozen=True)
+class ExportDir:
+    """A trained model in Hugging Face format (config.json + *.safetensors + tokenizer), or a PEFT adapter
+    (adapter_config.json + adapter_model.safetensors)."""
+
+    root: str
+
+    @property
+    def manifest(self) -> str:
+        return join(self.root, storage.MANIFEST)
+
+    def validate_model(self, key: str = "serve.model") -> None:
+        path = self.root
+        if not os.path.isdir(path):
+            raise InputError(f"model folder {path} does not exist ({key})")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise InputError(f"{path} has no config.json: not an HF model folder ({key})")
+        if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+            raise InputError(f"{path} has no .safetensors weights; raylm loads safetensors only")
+
+    def validate_adapter(self) -> None:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            if not os.path.isfile(os.path.join(self.root, name)):
+                raise InputError(f"adapter folder {self.root} has no {name}")
+
+
+@dataclass(frozen=True)
+class TrainDir:
+    """The training output: default checkpoint storage, export, per-step history, loss curve, manifest."""
+
+    root: str
+
+    @property
+    def checkpoints(self) -> str:
+        return join(self.root, "checkpoints")
+
+    @property
+    def export(self) -> ExportDir:
+        return ExportDir(join(self.root, "export"))
+
+    @property
+    def metrics_jsonl(self) -> str:
+        return join(self.root, "metrics.jsonl")
+
+    @property
+    def loss_curve(self) -> str:
+        return join(self.root, "loss_curve.png")
+
+    @property
+    def manifest(self) -> str:
+        return join(self.root, storage.MANIFEST)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A run's folder: each stage's default output lives in it."""
+
+    root: str
+
+    @property
+    def curated(self) -> CuratedDir:
+        return CuratedDir(join(self.root, "curated"))
+
+    @property
+    def train(self) -> TrainDir:
+        return TrainDir(join(self.root, "train"))
+
+    @property
+    def serve(self) -> str:
+        return join(self.root, "serve")
+
+    @property
+    def serve_config(self) -> str:
+        return join(self.serve, "serve_config.yaml")

@@ -1,0 +1,118 @@
+"""The one stage table: every stage is registered here once, and config linking and the CLI read it.
+
+A stage is a name (also its CLI verb and its entry in a recipe's `stages:`), the recipe section holding
+its config, the function that runs it (imported lazily, so `raylm check` never imports Ray or torch),
+an optional preflight that runs before Ray starts, where its output goes by default, and which
+upstream stage's output it reads when the recipe does not say. Adding a stage means adding a row here
+and writing the stage's own folder; nothing else in core/ changes.
+
+Verbs that are not stages (`raylm run`, `raylm check`, and later ones with arguments of their own, such
+as `raylm cluster check FILE`) are rows of VERBS in core/cli.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from core.artifacts import RunDir, TrainDir
+from core.schema import Section
+from pipelines.config import DataConfig
+from serving.config import ServeConfig
+from training.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    """The CLI verb and the name in a recipe's `stages:` list."""
+    section: str
+    """The recipe section holding this stage's config."""
+    config: type[Section]
+    """The section's config class."""
+    run: str
+    """"module:function" that runs the stage: run(cfg: PlatformConfig) -> Any, with Ray initialised."""
+    help: str
+    """One line for `raylm --help`."""
+    preflight: str | None = None
+    """"module:function" with checks that need no Ray (inputs exist, outputs may be written)."""
+    output_field: str | None = None
+    """The section field naming the stage's output folder, filled from `default_output` when unset."""
+    default_output: Callable[[RunDir], str] | None = None
+    """Where the output goes under run_dir by default."""
+    input_field: str | None = None
+    """The section field naming what the stage reads, filled from the upstream stage when unset."""
+    upstream: str | None = None
+    """The stage whose output `input_field` defaults to."""
+    input_of: Callable[[str], str] = lambda output: output
+    """Maps the upstream output folder to the path this stage reads (train's export/, say)."""
+
+    def function(self, attr: str = "run") -> Callable[..., Any] | None:
+        """The stage's run (or preflight) function, imported now."""
+        target = getattr(self, attr)
+        if target is None:
+            return None
+        module, name = target.split(":")
+        return getattr(importlib.import_module(module), name)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        name="curate",
+        section="data",
+        config=DataConfig,
+        run="pipelines.run:run",
+        preflight="pipelines.run:preflight",
+        help="curate the corpus into token shards (pipelines/)",
+        output_field="output",
+        default_output=lambda run: run.curated.root,
+    ),
+    Stage(
+        name="train",
+        section="train",
+        config=TrainConfig,
+        run="training.run:run",
+        preflight="training.run:preflight",
+        help="train a model on the curated shards (training/)",
+        output_field="output",
+        default_output=lambda run: run.train.root,
+        input_field="data_dir",
+        upstream="curate",
+    ),
+    Stage(
+        name="serve",
+        section="serve",
+        config=ServeConfig,
+        run="serving.run:run",
+        preflight="serving.run:preflight",
+        help="serve the trained model behind an OpenAI-compatible API (serving/)",
+        input_field="model",
+        upstream="train",
+        input_of=lambda output: TrainDir(output).export.root,
+    ),
+)
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+
+
+def output_of(stage: Stage, cfg: Any) -> str | None:
+    """The stage's output folder in this config: its section's field, else its default under run_dir."""
+    section = getattr(cfg, stage.section)
+    if section is not None and stage.output_field and getattr(section, stage.output_field):
+        return getattr(section, stage.output_field)
+    return stage.default_output(RunDir(cfg.run_dir)) if stage.default_output else None
+
+
+def link(cfg: Any, assign: Callable[[Section, str, Any], None]) -> None:
+    """Fill every unset output and input path from the table: each stage reads the previous stage's
+    output unless the recipe points it elsewhere."""
+    for stage in STAGES:
+        section = getattr(cfg, stage.section)
+        if section is None:
+            continue
+        if stage.output_field and getattr(section, stage.output_field) is None:
+            assign(section, stage.output_field, output_of(stage, cfg))
+        if stage.input_field and getattr(section, stage.input_field) is None:
+            upstream = output_of(BY_NAME[stage.upstream], cfg)
+            assign(section, stage.input_field, stage.input_of(upstream))
