@@ -12,19 +12,17 @@ batches. Each worker holds the token array of its split (int32: 4 bytes per toke
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pyarrow.parquet as pq
 
 from core import storage
+from core.artifacts import CuratedDir
 
 
 def shard_files(data_dir: str, split: str) -> list[str]:
-    files = [
-        f
-        for f in storage.list_files(f"{data_dir.rstrip('/')}/shards", ".parquet")
-        if f.rsplit("/", 1)[-1].startswith(f"{split}-")
-    ]
-    return files
+    return CuratedDir(data_dir).shard_files(split)
 
 
 def tokens_from_files(files: list[str]) -> np.ndarray:
@@ -87,6 +85,11 @@ class GlobalSampler:
             self._epoch = pos["epoch"]
             self._perm = np.random.default_rng([self.seed, self._epoch]).permutation(self.num_rows)
         return self._perm[pos["offset"] : pos["offset"] + self.global_batch]
+
+    def digest(self, step: int) -> str:
+        """A short fingerprint of the set of samples in step's global batch (to compare runs' data)."""
+        rows = np.sort(self.global_batch_rows(step)).astype(np.int64)
+        return hashlib.blake2b(rows.tobytes(), digest_size=8).hexdigest()
 
     def rank_rows(self, step: int, rank: int, world: int) -> np.ndarray:
         rows = self.global_batch_rows(step)

@@ -43,7 +43,7 @@ def ds_config(
         "gradient_accumulation_steps": cfg.global_batch_size // per_pass,
         "gradient_clipping": ds.grad_clip,
         "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW, see loop.build_optimizer
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW, see loop.build_engine
         "steps_per_print": 10**9,  # raylm logs its own metrics
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from core import lineage, outputs, storage
+from core.artifacts import EXPORT_ADAPTER, EXPORT_MODEL, CuratedDir, TrainDir
 from training.config import TrainConfig
 
 
@@ -45,8 +46,8 @@ def export_model(engine, tokenizer, cfg: TrainConfig, config: dict[str, Any], ra
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
         raise RuntimeError(f"export: gathered empty tensors for {empty[:5]}; ZeRO-3 gather failed")
-    final = f"{cfg.output.rstrip('/')}/export"
-    kind = "adapter" if cfg.lora.enabled else "model"
+    final = TrainDir(cfg.output).export.root
+    kind = EXPORT_ADAPTER if cfg.lora.enabled else EXPORT_MODEL
     with tempfile.TemporaryDirectory(prefix="raylm-export-") as tmp:
         if cfg.lora.enabled:
             # PeftModel.save_pretrained keeps only the adapter weights from the full state dict.
@@ -56,7 +57,7 @@ def export_model(engine, tokenizer, cfg: TrainConfig, config: dict[str, Any], ra
         tokenizer.save_pretrained(tmp)
         with outputs.staged_output(final, kind) as out:
             _copy_tree(tmp, out)
-            parents = [f"{cfg.data_dir.rstrip('/')}/{storage.MANIFEST}"]
+            parents = [CuratedDir(cfg.data_dir).manifest]
             lineage.write_manifest(
                 out,
                 kind,

@@ -1,581 +1,372 @@
-"""The per-worker training loop: the one place in raylm that knows about ranks (principle 6).
+"""The training loop, written as setup -> step -> report, the same wherever it runs.
 
-`train_loop_per_worker(config)` runs under Ray Train's TorchTrainer (training/run.py) and under plain
-torchrun (`torchrun --nproc-per-node 2 -m training.loop CONFIG.json`), with the same data order, model,
-DeepSpeed engine, checkpoints and metrics, so the two can be compared side by side.
+`train(config, runtime, report)` trains on one rank. The runtime (training/runtime.py) says where that
+is: a Ray Train worker, a torchrun process, or this process alone. The caller injects
+`report(metrics, checkpoint_dir)`, which every rank calls after every step (so a Ray Tune scheduler
+such as ASHA sees each step): Ray Train's calls ray.train.report, torchrun's keeps the last K step_*
+folders (training/torchrun.py), a Tune trial passes its own. `checkpoint_dir` is set on checkpoint
+steps and exists only during the call.
 
 One step: every rank takes its share of the global batch (training/data.py), runs `grad_accum` micro
 batches through the DeepSpeed engine, and the ranks then agree (one all-reduce) on whether to stop early
-(SIGTERM, or Ray's preemption notice). A stop takes a checkpoint at that step boundary and raises
-`Preempted`, so Ray Train's FailureConfig restarts the group from that checkpoint and no step is lost.
+(SIGTERM, or Ray's preemption notice). Evaluation runs every `eval_every` steps and at the end. A stop
+takes a checkpoint at that step boundary and raises `Preempted`, so Ray Train's FailureConfig restarts
+the group from that checkpoint and no step is lost.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
 import sys
-import tempfile
-import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from core import metrics
+from core.artifacts import CuratedDir
 from training import checkpoint as ckpt
+from training import progress
 from training.config import TrainConfig
-from training.data import GlobalSampler, shard_files, tokens_from_files, tokens_from_ray
+from training.data import GlobalSampler
 from training.deepspeed import ds_config
-from training.model import build_model, cosine_lr_lambda, count_params, flops_per_token, param_groups
+from training.mfu import Mfu, mfu_meter
+from training.model import build_model, cosine_lr_lambda, count_params, param_groups
+from training.runtime import InProcess, RayTrain, Runtime, ray_train_report
 
-H100_BF16_DENSE_FLOPS = 989e12
+Report = Callable[[dict[str, Any], str | None], None]
 
 
 class Preempted(RuntimeError):
     """Raised after the stop checkpoint so the run restarts (Ray Train) from it instead of finishing."""
 
 
-class StopRequest:
-    """Set by SIGTERM (or a preemption notice); read at the next step boundary."""
+@dataclass
+class TrainingRun:
+    """What setup built and the steps read: config, data, engine, and where the run stands."""
 
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.reason = ""
+    cfg: TrainConfig
+    config: dict[str, Any]  # the plain-data loop config (export writes it to its manifest)
+    rt: Runtime
+    run_name: str
+    seed: int
+    seq_len: int
+    tokenizer: Any
+    train_tokens: np.ndarray
+    eval_tokens: np.ndarray | None
+    sampler: GlobalSampler
+    engine: Any
+    lr_fn: Callable[[int], float]
+    mfu: Mfu
+    start_step: int = 0
+    attempt: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    setup_times: dict[str, float] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)
 
-    def set(self, reason: str) -> None:
-        self.reason = self.reason or reason
-        self.event.set()
-
-
-def install_sigterm(stop: StopRequest, under_ray: bool) -> None:
-    """Turn the first SIGTERM into a stop request; a second one exits as before.
-
-    Under torchrun the loop owns the main thread and installs a handler. Ray Train runs the loop in a
-    thread of the worker actor, where signal.signal is not allowed; Ray's own worker handler (set on the
-    main thread) calls ray._private.worker.raise_sys_exit_with_custom_error_message, which is wrapped here
-    so that the first SIGTERM becomes a stop request instead of an immediate exit.
-    """
-    if not under_ray:
-        previous = signal.getsignal(signal.SIGTERM)
-
-        def handler(signum, frame):
-            if stop.event.is_set() and callable(previous):
-                previous(signum, frame)
-            stop.set("SIGTERM")
-
-        signal.signal(signal.SIGTERM, handler)
-        return
-    import ray._private.worker as ray_worker
-
-    original = ray_worker.raise_sys_exit_with_custom_error_message
-    if getattr(original, "_raylm", False):
-        return
-
-    def intercept(message: str, exit_code: int = 1):
-        if "SIGTERM" in message and not stop.event.is_set():
-            stop.set("SIGTERM")
-            return
-        original(message, exit_code)
-
-    intercept._raylm = True  # type: ignore[attr-defined]
-    ray_worker.raise_sys_exit_with_custom_error_message = intercept
-
-
-def measured_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """CPU: the fp32 matmul rate this worker reaches (a 512^3 GEMM, best of 5), used as MFU's peak."""
-    a = torch.randn(512, 512, dtype=dtype, device=device)
-    best = math.inf
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(4):
-            a @ a
-        best = min(best, time.perf_counter() - t)
-    return 4 * 2 * 512**3 / best
-
-
-def peak_flops(cfg: TrainConfig, device: torch.device) -> tuple[float, str]:
-    if cfg.peak_flops:
-        return cfg.peak_flops, "train.peak_flops"
-    if device.type == "cuda":
-        return H100_BF16_DENSE_FLOPS, "H100 bf16 dense spec (989 TFLOP/s)"
-    return measured_peak_flops(device, torch.float32), "measured fp32 matmul rate of this CPU worker"
-
-
-class Runtime:
-    """Rank, world, device and the few calls that differ between Ray Train and torchrun."""
-
-    def __init__(self, backend: str, use_gpu: bool):
-        self.under_ray = backend == "ray"
-        if self.under_ray:
-            import ray.train
-
-            ctx = ray.train.get_context()
-            self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-            self.local_rank = ctx.get_local_rank()
-        else:
-            self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-            self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        os.environ["RANK"] = str(self.rank)  # core.metrics.log_rank0 reads it
-        self.device = torch.device("cuda", self.local_rank) if use_gpu else torch.device("cpu")
-        if use_gpu and self.under_ray:
-            import ray.train.torch
-
-            self.device = ray.train.torch.get_device()  # the GPU Ray assigned to this worker
-        if use_gpu:
-            torch.cuda.set_device(self.device)
-
-    def dataset(self, name: str, data_dir: str) -> np.ndarray | None:
-        if self.under_ray:
-            import ray.train
-
-            try:
-                it = ray.train.get_dataset_shard(name)
-            except KeyError:  # no such split was passed to the trainer (e.g. no eval shards)
-                return None
-            return tokens_from_ray(it) if it is not None else None
-        files = shard_files(data_dir, name)
-        return tokens_from_files(files) if files else None
-
-    def latest_checkpoint(self, storage_dir: str | None):
-        """The latest complete checkpoint of this run (after a restart), as a context giving a folder:
-        Ray Train's under Ray, the newest step_* with a trainer_state.json in storage_dir under torchrun."""
-        if self.under_ray:
-            import ray.train
-
-            c = ray.train.get_checkpoint()
-            return c.as_directory() if c is not None else None
-        if storage_dir and os.path.isdir(storage_dir):
-            done = sorted(
-                d
-                for d in os.listdir(storage_dir)
-                if d.startswith("step_") and os.path.exists(os.path.join(storage_dir, d, ckpt.STATE))
-            )
-            if done:
-                return nullcontext(os.path.join(storage_dir, done[-1]))
-        return None
-
-    def wake_main_thread(self) -> None:
-        """Under Ray Train, Python runs SIGTERM handlers only when the actor's main thread runs Python,
-        which otherwise happens at Ray's 2 s health checks; a no-op call on this worker's own actor each
-        step lets a SIGTERM reach the loop by the next step boundary."""
-        if self.under_ray and getattr(self, "under_ray_wake", True):
-            import ray
-
-            try:
-                if not hasattr(self, "_self_actor"):
-                    self._self_actor = ray.get_runtime_context().current_actor
-                self._self_actor.__ray_ready__.remote()
-            except Exception:  # best effort: the 2 s health check still delivers the signal
-                self.under_ray_wake = False
-
-    def preempted(self) -> bool:
-        if not self.under_ray:
-            return False
-        import ray.train
-
-        return ray.train.get_preemption_info() is not None
-
-    def report(self, metrics_: dict[str, Any], folder: str | None = None, name: str | None = None) -> None:
-        if not self.under_ray:
-            return
-        import ray.train
-
-        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
-        ray.train.report(metrics_, checkpoint=checkpoint, checkpoint_dir_name=name)
-
-
-def resume_context(resume_from: str | None):
-    """An explicit resume_from as a context giving a local folder (remote URIs are downloaded)."""
-    if resume_from and "://" in resume_from:
-        import ray.train
-
-        return ray.train.Checkpoint(resume_from).as_directory()
-    return nullcontext(resume_from)
-
-
-def agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any rank (one tiny all-reduce)."""
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def mean_over_ranks(value: torch.Tensor) -> float:
-    t = value.detach().float().reshape(1).clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / dist.get_world_size()
+    @property
+    def accum(self) -> int:
+        """Micro batches per optimizer step on each rank (DeepSpeed's count, from training/deepspeed.py)."""
+        return self.engine.gradient_accumulation_steps()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Train on this worker. `config` is plain data (so Ray Tune can pass it): "train" (a TrainConfig
-    dump), "seed", "seq_len", "backend" ("ray" | "torchrun"), "resume_from", "storage_dir" (torchrun)."""
+    """Ray Train's entry point (TorchTrainer, training/run.py)."""
+    train(config, RayTrain(), ray_train_report)
+
+
+def train_in_process(config: dict[str, Any], report: Report) -> list[dict[str, Any]]:
+    """Train in this process alone (world size 1): what a Ray Tune trial that is not a TorchTrainer
+    calls. Checkpoints go to config["storage_dir"] when set (a rerun continues from the newest)."""
+    return train(config, InProcess(config.get("storage_dir")), report)
+
+
+def train(config: dict[str, Any], rt: Runtime, report: Report) -> list[dict[str, Any]]:
+    """Train on this rank. `config` is plain data (so Ray Tune can pass it): "train" (a TrainConfig
+    dump), "seed", "seq_len", "run_name" (metric tags), "resume_from", "storage_dir". Returns the
+    history (one row per step, since the first step of the first attempt)."""
     t_start = time.time()
     cfg = TrainConfig.model_validate(config["train"])
-    if not cfg.use_gpu:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported below
-    seed, seq_len = int(config["seed"]), int(config["seq_len"])
-    rt = Runtime(config.get("backend", "ray"), cfg.use_gpu)
-    stop = StopRequest()
-    install_sigterm(stop, rt.under_ray)
+    try:
+        rt.start(cfg.use_gpu)
+        run = setup(cfg, config, rt, t_start)
+        for step in range(run.start_step, cfg.max_steps):
+            loss, grad_norm, step_time = optimizer_step(run, step)
+            stopping = rt.stop_requested(step + 1, cfg.checkpoint.preemption_check_every)
+            row = step_row(run, step, loss, grad_norm, step_time)
+            progress.log_step(row, cfg.max_steps, cfg.log_every)
+            publish(run, row, report, checkpoint=stopping or checkpoint_due(cfg, step + 1))
+            if stopping:
+                raise preempted(rt, step + 1)
+        finish(run)
+        return run.history
+    finally:
+        rt.close()
 
-    import deepspeed
 
-    if not dist.is_initialized():  # Ray Train has set up the process group already; torchrun has not
-        deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
-    else:
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
-    t_pg = time.time()
+def preempted(rt: Runtime, done: int) -> Preempted:
+    reason = rt.stop.reason or "a stop request on another rank"
+    metrics.log_rank0("stopping at step %d (%s): checkpoint taken, the run restarts from it", done, reason)
+    return Preempted(f"stopped at step {done} by {reason}; checkpoint {ckpt.step_dir_name(done)} is complete")
 
+
+# ---- setup ----------------------------------------------------------------------------------------
+
+
+def setup(cfg: TrainConfig, config: dict[str, Any], rt: Runtime, t_start: float) -> TrainingRun:
+    """Data, model, engine, and the checkpoint to continue from (a restart's, else resume_from)."""
+    t_pg = time.time()  # rt.start() made the process group
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(f"{cfg.data_dir.rstrip('/')}/tokenizer")
-    train_tokens = rt.dataset("train", cfg.data_dir)
-    eval_tokens = rt.dataset("eval", cfg.data_dir)
-    if train_tokens is None or train_tokens.shape[1] != seq_len:
-        raise ValueError(f"train shards under {cfg.data_dir}/shards do not hold rows of seq_len={seq_len}")
+    seed, seq_len = int(config["seed"]), int(config["seq_len"])
+    tokenizer = AutoTokenizer.from_pretrained(CuratedDir(cfg.data_dir).tokenizer)
+    train_tokens, eval_tokens = load_tokens(cfg, rt, seq_len)
     sampler = GlobalSampler(len(train_tokens), cfg.global_batch_size, seed)
     t_data = time.time()
-
-    # Resume: Ray's latest checkpoint of this run wins (a restart); else an explicit resume_from.
-    resume_ctx = rt.latest_checkpoint(config.get("storage_dir")) or resume_context(config.get("resume_from"))
-    with resume_ctx as resume_dir:
-        state = ckpt.read_state(resume_dir) if resume_dir else None
-        if (
-            state is not None
-            and state.get("global_batch_size", cfg.global_batch_size) != cfg.global_batch_size
-        ):
-            raise ckpt.CheckpointReadError(
-                f"checkpoint {resume_dir} was trained with global_batch_size {state['global_batch_size']}; "
-                f"train.global_batch_size is {cfg.global_batch_size} (the data position is counted in global batches)"
-            )
-        # ZeRO-0 keeps full, unpartitioned state, which loads on any number of workers as it is.
-        universal = state is not None and state["world_size"] != rt.world and state.get("zero_stage", 0) > 0
-        ds_cfg = ds_config(cfg, rt.world, load_universal=universal)
-        s = cfg.schedule
-        precision = cfg.deepspeed.precision
-        model = build_model(
-            cfg.model,
-            cfg.lora,
-            tokenizer,
-            seq_len,
-            seed,
-            activation_checkpointing=cfg.deepspeed.activation_checkpointing,
-        )
-        total_params, trainable_params = count_params(model)
-        lr_fn = cosine_lr_lambda(s.warmup_steps, cfg.max_steps, s.min_lr_ratio)
-        optimizer = None
-        if "optimizer" not in ds_cfg:
-            optimizer = torch.optim.AdamW(
-                param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas, eps=s.eps, foreach=False
-            )
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            model_parameters=param_groups(model, s.weight_decay) if optimizer is None else None,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn),
-            config=ds_cfg,
-        )
+    with resume_folder(config, rt) as folder:
+        resume = ckpt.open_resume(folder, rt.world, cfg.global_batch_size) if folder else None
+        engine, lr_fn, params = build_engine(cfg, rt.world, tokenizer, seq_len, seed, resume)
         t_ds = time.time()
-
-        start_step, history, attempt = 0, [], 0
-        if state is not None:
-            load_checkpoint(engine, resume_dir, state, universal, rt, s.weight_decay)
-            start_step, history, attempt = (
-                int(state["step"]),
-                list(state.get("history", [])),
-                state.get("attempt", 0) + 1,
-            )
-            metrics.log_rank0(
-                "resumed from %s at step %d (saved by %d workers, now %d%s)",
-                resume_dir,
-                start_step,
-                state["world_size"],
-                rt.world,
-                ", universal checkpoint" if universal else "",
-            )
+        if resume is not None:
+            ckpt.load(engine, resume, rt.rank, cfg.schedule.weight_decay)
+            log_resume(resume, rt.world)
+    start_step = resume.state.step if resume else 0
     # The schedule is a pure function of the step: set it explicitly so every resume path agrees.
-    scheduler.last_epoch = start_step - 1
-    scheduler.step()
+    engine.lr_scheduler.last_epoch = start_step - 1
+    engine.lr_scheduler.step()
     t_loaded = time.time()
-
-    peak, peak_source = peak_flops(cfg, rt.device)
-    fpt = flops_per_token(
-        engine.module.config if not cfg.lora.enabled else engine.module.base_model.model.config, seq_len
+    run = TrainingRun(
+        cfg=cfg,
+        config=config,
+        rt=rt,
+        run_name=config.get("run_name") or cfg.checkpoint.run_name,
+        seed=seed,
+        seq_len=seq_len,
+        tokenizer=tokenizer,
+        train_tokens=train_tokens,
+        eval_tokens=eval_tokens,
+        sampler=sampler,
+        engine=engine,
+        lr_fn=lr_fn,
+        mfu=mfu_meter(cfg, engine.module, seq_len, rt.device, rt.world),
+        start_step=start_step,
+        attempt=resume.state.attempt + 1 if resume else 0,
+        history=list(resume.state.history) if resume else [],
     )
-    metrics.log_rank0(
-        "training %s params (%s trainable) on %d workers, ZeRO-%d %s, accum %d, MFU peak %.3g FLOP/s (%s)",
-        f"{total_params:,}",
-        f"{trainable_params:,}",
-        rt.world,
-        cfg.deepspeed.zero_stage,
-        precision,
-        ds_cfg["gradient_accumulation_steps"],
-        peak,
-        peak_source,
-    )
-    setup = {
+    run.last_eval = progress.latest_eval(run.history)
+    run.setup_times = {
         "t_loop_start": t_start,
         "pg_s": t_pg - t_start,
         "data_s": t_data - t_pg,
         "ds_init_s": t_ds - t_data,
-        "ckpt_load_s": t_loaded - t_ds if state is not None else 0.0,
-        "attempt": attempt,
+        "ckpt_load_s": t_loaded - t_ds if resume is not None else 0.0,
+        "attempt": run.attempt,
     }
-
-    accum = ds_cfg["gradient_accumulation_steps"]
-    mb = cfg.micro_batch_size
-    tags = {"run": config.get("run_id", "train")}
-    preempt_every = cfg.checkpoint.preemption_check_every
-    for step in range(start_step, cfg.max_steps):
-        t0 = time.perf_counter()
-        engine.train()
-        rows = sampler.rank_rows(step, rt.rank, rt.world)
-        losses = []
-        for m in range(accum):
-            x = torch.from_numpy(train_tokens[rows[m * mb : (m + 1) * mb]]).long().to(rt.device)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach())
-        loss = mean_over_ranks(torch.stack(losses).mean())
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        step_time = time.perf_counter() - t0
-        done = step + 1
-
-        rt.wake_main_thread()
-        notice = rt.preempted() if rt.under_ray and done % preempt_every == 0 else False
-        stopping = agree(stop.event.is_set() or notice, rt.device)
-        tokens_per_s = cfg.global_batch_size * seq_len / step_time
-        row = {
-            "step": done,
-            "loss": loss,
-            "lr": s.lr * lr_fn(step),
-            "grad_norm": grad_norm,
-            "tokens_per_s": tokens_per_s,
-            "mfu": fpt * tokens_per_s / (peak * rt.world),
-            "step_time_s": step_time,
-            "t_wall": time.time(),
-            "attempt": attempt,
-            "world_size": rt.world,
-        }
-        if rt.rank == 0:
-            row["sample_rows_sha"] = _rows_digest(sampler.global_batch_rows(step))
-        if step == start_step:
-            row.update(setup, first_step_wall=time.time())
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps:
-            row.update(evaluate(engine, eval_tokens, cfg, rt))
-        history.append(row)
-        emit_metrics(row, tags)
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            metrics.log_rank0(
-                "step %d/%d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f MFU %.2f%% step %.3fs%s",
-                done,
-                cfg.max_steps,
-                loss,
-                row["lr"],
-                grad_norm,
-                tokens_per_s,
-                100 * row["mfu"],
-                step_time,
-                f" eval_loss {row['eval_loss']:.4f}" if "eval_loss" in row else "",
-            )
-
-        if done % cfg.checkpoint.every_steps == 0 or done == cfg.max_steps or stopping:
-            t_ck = time.perf_counter()
-            row["checkpointed"] = True
-            save_checkpoint(engine, cfg, rt, done, sampler, history, seed, attempt, config, row)
-            row["checkpoint_s"] = time.perf_counter() - t_ck
-            metrics.histogram("train_checkpoint_seconds", row["checkpoint_s"], tags, "checkpoint save time")
-        elif done % cfg.log_every == 0:
-            rt.report(_scalars(row))
-        if stopping:
-            reason = stop.reason or "a stop request on another rank"
-            metrics.log_rank0(
-                "stopping at step %d (%s): checkpoint taken, the run restarts from it", done, reason
-            )
-            raise Preempted(f"stopped at step {done} by {reason}; checkpoint step_{done:08d} is complete")
-
-    if cfg.export:
-        from training.export import export_model
-
-        export_model(engine, tokenizer, cfg, config, rt.rank)
-    if rt.rank == 0:
-        from training.plots import write_history
-
-        write_history(history, cfg.output)
-    dist.barrier()
+    log_start(run, params)
+    return run
 
 
-def _rows_digest(rows: np.ndarray) -> str:
-    import hashlib
-
-    return hashlib.blake2b(np.sort(rows).astype(np.int64).tobytes(), digest_size=8).hexdigest()
-
-
-def _scalars(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
+def load_tokens(cfg: TrainConfig, rt: Runtime, seq_len: int) -> tuple[np.ndarray, np.ndarray | None]:
+    train_tokens = rt.dataset("train", cfg.data_dir)
+    if train_tokens is None or train_tokens.shape[1] != seq_len:
+        raise ValueError(f"train shards under {cfg.data_dir}/shards do not hold rows of seq_len={seq_len}")
+    return train_tokens, rt.dataset("eval", cfg.data_dir)
 
 
-def emit_metrics(row: dict[str, Any], tags: dict[str, str]) -> None:
-    if metrics.rank() != 0:
+def resume_folder(config: dict[str, Any], rt: Runtime) -> AbstractContextManager[str | None]:
+    """The runtime's latest checkpoint of this run wins (a restart); else an explicit resume_from."""
+    return rt.latest_checkpoint() or ckpt.local_folder(config.get("resume_from"))
+
+
+def build_engine(cfg: TrainConfig, world: int, tokenizer, seq_len: int, seed: int, resume):
+    """The model (seeded: every rank and restart builds the same weights) in a DeepSpeed engine with
+    AdamW and the warmup + cosine schedule. Returns (engine, lr multiplier, (total, trainable) params)."""
+    import deepspeed
+
+    ds_cfg = ds_config(cfg, world, load_universal=resume is not None and resume.universal)
+    s = cfg.schedule
+    model = build_model(
+        cfg.model,
+        cfg.lora,
+        tokenizer,
+        seq_len,
+        seed,
+        activation_checkpointing=cfg.deepspeed.activation_checkpointing,
+    )
+    params = count_params(model)
+    lr_fn = cosine_lr_lambda(s.warmup_steps, cfg.max_steps, s.min_lr_ratio)
+    optimizer = None
+    if "optimizer" not in ds_cfg:  # else DeepSpeed builds its CPU Adam (optimizer offload)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas, eps=s.eps, foreach=False
+        )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=param_groups(model, s.weight_decay) if optimizer is None else None,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_fn),
+        config=ds_cfg,
+    )
+    return engine, lr_fn, params
+
+
+def log_resume(resume: ckpt.Resume, world: int) -> None:
+    metrics.log_rank0(
+        "resumed from %s at step %d (saved by %d workers, now %d%s)",
+        resume.folder,
+        resume.state.step,
+        resume.state.world_size,
+        world,
+        ", universal checkpoint" if resume.universal else "",
+    )
+
+
+def log_start(run: TrainingRun, params: tuple[int, int]) -> None:
+    cfg = run.cfg
+    metrics.log_rank0(
+        "training run %s: %s params (%s trainable) on %d workers, ZeRO-%d %s, accum %d, "
+        "MFU peak %.3g FLOP/s (%s)",
+        run.run_name,
+        f"{params[0]:,}",
+        f"{params[1]:,}",
+        run.rt.world,
+        cfg.deepspeed.zero_stage,
+        cfg.deepspeed.precision,
+        run.accum,
+        run.mfu.peak,
+        run.mfu.peak_source,
+    )
+
+
+# ---- step ------------------------------------------------------------------------------------------
+
+
+def optimizer_step(run: TrainingRun, step: int) -> tuple[float, float, float]:
+    """This rank's share of step's global batch through the engine in `accum` micro batches (DeepSpeed
+    steps the optimizer after the last). Returns (loss averaged over ranks, grad norm, seconds)."""
+    t0 = time.perf_counter()
+    engine, mb, rt = run.engine, run.cfg.micro_batch_size, run.rt
+    engine.train()
+    rows = run.sampler.rank_rows(step, rt.rank, rt.world)
+    losses = []
+    for m in range(run.accum):
+        x = torch.from_numpy(run.train_tokens[rows[m * mb : (m + 1) * mb]]).long().to(rt.device)
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    loss = rt.mean(torch.stack(losses).mean())
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    return loss, grad_norm, time.perf_counter() - t0
+
+
+def step_row(run: TrainingRun, step: int, loss: float, grad_norm: float, step_time: float) -> dict[str, Any]:
+    """The history row of a step (plus the evaluation, when one is due), appended to the history."""
+    cfg, done = run.cfg, step + 1
+    tokens_per_s = cfg.global_batch_size * run.seq_len / step_time
+    row = {
+        "step": done,
+        "loss": loss,
+        "lr": cfg.schedule.lr * run.lr_fn(step),
+        "grad_norm": grad_norm,
+        "tokens_per_s": tokens_per_s,
+        "mfu": run.mfu(tokens_per_s),
+        "step_time_s": step_time,
+        "t_wall": time.time(),
+        "attempt": run.attempt,
+        "world_size": run.rt.world,
+    }
+    if run.rt.rank == 0:
+        row["sample_rows_sha"] = run.sampler.digest(step)
+    if step == run.start_step:
+        row.update(run.setup_times, first_step_wall=time.time())
+    if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.max_steps:
+        run.last_eval = evaluate(run)
+        row.update(run.last_eval)
+    run.history.append(row)
+    return row
+
+
+def checkpoint_due(cfg: TrainConfig, done: int) -> bool:
+    return done % cfg.checkpoint.every_steps == 0 or done == cfg.max_steps
+
+
+def publish(run: TrainingRun, row: dict[str, Any], report: Report, checkpoint: bool) -> None:
+    """Gauges (rank 0), then `report` on every rank; on a checkpoint step the checkpoint is written
+    first and reported with the metrics."""
+    if checkpoint:
+        row["checkpointed"] = True
+    reported = progress.reported_metrics(row, run.last_eval, run.run_name)
+    progress.emit_metrics(reported, run.rt.rank)
+    if not checkpoint:
+        report(reported, None)
         return
-    for key in (
-        "loss",
-        "lr",
-        "grad_norm",
-        "tokens_per_s",
-        "mfu",
-        "step_time_s",
-        "eval_loss",
-        "eval_perplexity",
-    ):
-        if key in row and math.isfinite(row[key]):
-            metrics.gauge(f"train_{key}", row[key], tags, f"training {key}")
-    metrics.counter("train_steps_total", 1, tags, "optimizer steps taken")
-    metrics.histogram("train_step_seconds", row["step_time_s"], tags, "optimizer step time")
+    t0 = time.perf_counter()
+    with run.rt.checkpoint_folder(row["step"]) as folder:
+        ckpt.save(run.engine, folder, train_state(run, row["step"]), run.rt.rank)
+        report(reported | {"checkpoint_step": row["step"]}, folder)
+    row["checkpoint_s"] = time.perf_counter() - t0
+    metrics.record(metrics.TRAIN_CHECKPOINT_SECONDS, row["checkpoint_s"], {"run": run.run_name})
+
+
+def train_state(run: TrainingRun, done: int) -> ckpt.TrainState:
+    return ckpt.TrainState(
+        step=done,
+        world_size=run.rt.world,
+        seed=run.seed,
+        attempt=run.attempt,
+        zero_stage=run.cfg.deepspeed.zero_stage,
+        data_position=run.sampler.position(done),
+        global_batch_size=run.cfg.global_batch_size,
+        history=run.history,
+    )
 
 
 @torch.no_grad()
-def evaluate(engine, eval_tokens: np.ndarray | None, cfg: TrainConfig, rt: Runtime) -> dict[str, float]:
+def evaluate(run: TrainingRun) -> dict[str, float]:
     """Mean token loss and perplexity on the held-out split; every rank runs the same number of
     batches (ZeRO-3 forwards are collectives)."""
-    if eval_tokens is None:
+    if run.eval_tokens is None:
         return {}
-    mb = cfg.micro_batch_size
-    n = min(cfg.eval_batches, len(eval_tokens) // (mb * rt.world))
+    mb, rt, engine = run.cfg.micro_batch_size, run.rt, run.engine
+    n = min(run.cfg.eval_batches, len(run.eval_tokens) // (mb * rt.world))
     if n == 0:
         return {}
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64)
     for i in range(n):
         start = (i * rt.world + rt.rank) * mb
-        x = torch.from_numpy(eval_tokens[start : start + mb]).long().to(rt.device)
+        x = torch.from_numpy(run.eval_tokens[start : start + mb]).long().to(rt.device)
         loss = engine(input_ids=x, labels=x).loss.float().cpu()
         total += torch.tensor([loss.item() * x.numel(), x.numel()], dtype=torch.float64)
-    total = total.to(rt.device)
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    total = rt.all_sum(total)
     engine.train()
     eval_loss = (total[0] / total[1]).item()
     return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))}
 
 
-def save_checkpoint(
-    engine,
-    cfg: TrainConfig,
-    rt: Runtime,
-    step: int,
-    sampler: GlobalSampler,
-    history: list[dict[str, Any]],
-    seed: int,
-    attempt: int,
-    config: dict[str, Any],
-    row: dict[str, Any],
-) -> None:
-    state = {
-        "step": step,
-        "world_size": rt.world,
-        "seed": seed,
-        "attempt": attempt,
-        "zero_stage": cfg.deepspeed.zero_stage,
-        "data_position": sampler.position(step),
-        "global_batch_size": cfg.global_batch_size,
-        "history": history,
-    }
-    name = ckpt.step_dir_name(step)
-    if rt.under_ray:
-        with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as folder:
-            _write_checkpoint(engine, folder, rt.rank, state)
-            rt.report(_scalars(row) | {"checkpoint_step": step}, folder, name)
-        return
-    root = config["storage_dir"]
-    folder = os.path.join(root, name)
-    _write_checkpoint(engine, folder, rt.rank, state, barrier_before_state=True)
-    if rt.rank == 0:  # keep the last K complete checkpoints
-        done = sorted(d for d in os.listdir(root) if d.startswith("step_"))
-        for old in done[: -cfg.checkpoint.keep_last]:
-            import shutil
-
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+# ---- end -------------------------------------------------------------------------------------------
 
 
-def _write_checkpoint(
-    engine, folder: str, rank: int, state: dict[str, Any], barrier_before_state: bool = False
-) -> None:
-    os.makedirs(folder, exist_ok=True)
-    engine.save_checkpoint(folder, tag=ckpt.DS_TAG, save_latest=True)
-    ckpt.save_rng(folder, rank)
-    if barrier_before_state:
-        dist.barrier()  # trainer_state.json last: the checkpoint is complete only once every rank wrote
-    if rank == 0:
-        ckpt.write_state(folder, state)
+def finish(run: TrainingRun) -> None:
+    """Export (a collective under ZeRO-3), then metrics.jsonl and the loss curve from rank 0."""
+    if run.cfg.export:
+        from training.export import export_model
+
+        export_model(run.engine, run.tokenizer, run.cfg, run.config, run.rt.rank)
+    if run.rt.rank == 0:
+        from training.plots import write_history
+
+        write_history(run.history, run.cfg.output)
+    run.rt.barrier()
 
 
-def load_checkpoint(
-    engine, folder: str, state: dict[str, Any], universal: bool, rt: Runtime, weight_decay: float
-) -> None:
-    try:
-        if universal:
-            with tempfile.TemporaryDirectory(prefix="raylm-universal-") as tmp:
-                load_dir = ckpt.to_universal(folder, tmp)
-                path, _ = engine.load_checkpoint(
-                    load_dir, tag=ckpt.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-                )
-        else:
-            path, _ = engine.load_checkpoint(
-                folder, tag=ckpt.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-            )
-    except Exception as exc:
-        raise ckpt.CheckpointReadError(
-            f"checkpoint {folder} cannot be read: {type(exc).__name__}: {exc}"
-        ) from exc
-    if path is None:
-        raise ckpt.CheckpointReadError(
-            f"checkpoint {folder} cannot be read: DeepSpeed found no state under {ckpt.DS_TAG}/"
-        )
-    if universal:
-        # A universal checkpoint stores one set of optimizer hyperparameters for all groups; put back the
-        # per-group weight decay of model.param_groups (decayed matrices, then undecayed vectors).
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-        for group, decay in zip(inner.param_groups, (weight_decay, 0.0), strict=False):
-            group["weight_decay"] = decay
-        # DeepSpeed 0.19.8's universal load gives every param group the *same* `step` tensor, so torch's
-        # AdamW bumps it once per group per step and bias correction drifts (found by the 2 -> 1 test).
-        for st in inner.state.values():
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
-    if not ckpt.load_rng(folder, rt.rank):
-        torch.manual_seed(state["seed"] + 1000 * rt.rank + state["step"])
+if __name__ == "__main__":  # `torchrun ... -m training.loop CONFIG.json`, as before training/torchrun.py
+    from training.torchrun import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    """torchrun entry point: `torchrun --nproc-per-node N -m training.loop CONFIG.json` (written by
-    run.py's `torchrun_config` or benchmarks/train.py)."""
-    import logging
-
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s raylm %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
-    argv = argv if argv is not None else sys.argv[1:]
-    with open(argv[0]) as f:
-        config = json.load(f)
-    config["backend"] = "torchrun"
-    try:
-        train_loop_per_worker(config)
-    except Preempted as exc:
-        print(f"raylm: {exc}", file=sys.stderr)
-        return 143
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -8,12 +8,13 @@ import tempfile
 from typing import Any
 
 from core import storage
+from core.artifacts import TrainDir
 
 
 def write_history(history: list[dict[str, Any]], output: str) -> None:
     lines = "".join(json.dumps(row) + "\n" for row in history)
-    storage.write_text(f"{output.rstrip('/')}/metrics.jsonl", lines)
-    loss_curve(history, f"{output.rstrip('/')}/loss_curve.png")
+    storage.write_text(TrainDir(output).metrics_jsonl, lines)
+    loss_curve(history, TrainDir(output).loss_curve)
 
 
 def loss_curve(history: list[dict[str, Any]], uri: str) -> None:

@@ -13,6 +13,7 @@ import threading
 from typing import Any
 
 from core import lineage, outputs, storage
+from core.artifacts import TRAIN, CuratedDir, TrainDir
 from core.config import PlatformConfig, dump_config
 from core.errors import InputError, RaylmError
 from training import checkpoint as ckpt
@@ -20,7 +21,6 @@ from training.config import TrainConfig
 from training.data import shard_files
 
 log = logging.getLogger("raylm")
-TRAIN = "train"  # the kind of output this stage writes (its manifest's and marker's `kind`)
 
 
 class TrainingFailed(RaylmError):
@@ -29,21 +29,7 @@ class TrainingFailed(RaylmError):
 
 def read_curated(data_dir: str) -> dict[str, Any]:
     """The curated folder's manifest, checked for what training needs."""
-    if not storage.is_complete(data_dir):
-        raise InputError(
-            f"train.data_dir {data_dir} is not a complete curated folder (no {storage.MANIFEST}); "
-            "run `raylm curate` first or point train.data_dir at one"
-        )
-    manifest = lineage.read_manifest(data_dir)
-    if manifest.get("kind") != "curated" or "seq_len" not in manifest:
-        raise InputError(
-            f"train.data_dir {data_dir}: manifest.json is not a curated manifest (kind={manifest.get('kind')!r})"
-        )
-    if not shard_files(data_dir, "train"):
-        raise InputError(f"train.data_dir {data_dir} has no shards/train-*.parquet")
-    if not storage.exists(f"{data_dir.rstrip('/')}/tokenizer"):
-        raise InputError(f"train.data_dir {data_dir} has no tokenizer/ folder")
-    return manifest
+    return CuratedDir(data_dir).validate("train.data_dir")
 
 
 def check_resume(resume_from: str | None, global_batch_size: int | None = None) -> str | None:
@@ -67,7 +53,7 @@ def check_resume(resume_from: str | None, global_batch_size: int | None = None) 
 
 
 def storage_path(t: TrainConfig) -> str:
-    path = t.checkpoint.storage_path or f"{t.output.rstrip('/')}/checkpoints"
+    path = t.checkpoint.storage_path or TrainDir(t.output).checkpoints
     return path if storage.is_remote(path) else os.path.abspath(path)
 
 
@@ -78,8 +64,10 @@ def loop_config(
     resume_from: str | None,
     backend: str = "ray",
     storage_dir: str | None = None,
+    run_name: str | None = None,
 ) -> dict[str, Any]:
-    """The plain-data config of train_loop_per_worker (also what a Ray Tune trial would pass)."""
+    """The plain-data config of training/loop.py's train() (also what a Ray Tune trial passes).
+    run_name tags the run's metrics; without it the loop uses train.checkpoint.run_name."""
     return {
         "train": dump_config(t),
         "seed": seed,
@@ -90,6 +78,7 @@ def loop_config(
         "resume_from": resume_from,
         "backend": backend,
         "storage_dir": storage_dir,
+        "run_name": run_name,
     }
 
 
@@ -170,7 +159,8 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
     outputs.claim_run_dir(cfg.run_dir, t.output)
     outputs.claim(t.output, TRAIN)
 
-    config = loop_config(t, seed, curated, resume_from)
+    # Metrics carry the recipe's name, as curation's do, so one dashboard filter follows a run.
+    config = loop_config(t, seed, curated, resume_from, run_name=cfg.name)
     trainer = build_trainer(t, config, read_datasets(t.data_dir))
     from ray.train import TrainingFailedError
 
@@ -200,12 +190,12 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
         t.output,
         TRAIN,
         dump_config(t),
-        parents=[f"{t.data_dir.rstrip('/')}/{storage.MANIFEST}"],
+        parents=[CuratedDir(t.data_dir).manifest],
         seed=seed,
         final=summary,
         checkpoint=checkpoint,
         storage_path=storage_path(t),
-        export=f"{t.output.rstrip('/')}/export" if t.export else None,
+        export=TrainDir(t.output).export.root if t.export else None,
     )
     log.info(
         "training done: step %s loss %s eval_loss %s; checkpoint %s",

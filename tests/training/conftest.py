@@ -3,6 +3,7 @@ running the pipeline: packed rows of exactly seq_len tokens, eos-separated, in t
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 
@@ -11,8 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from core import lineage
-from tests.fake_text import sample_text
+from core import lineage, storage
+from core.artifacts import CURATED, CuratedDir
+from tests.synthetic import sample_text
 
 SEQ_LEN = 32
 
@@ -37,18 +39,19 @@ def build_curated(
             tok.eos_token_id
         ]
     rows = np.asarray(stream[:need], dtype=np.int32).reshape(-1, seq_len)
-    (out / "shards").mkdir(parents=True)
+    curated = CuratedDir(str(out))
+    os.makedirs(curated.shards)
     splits = {"train": rows[:train_rows], "eval": rows[train_rows:]}
     counts = {}
     for split, data in splits.items():
         for i, start in enumerate(range(0, len(data), rows_per_shard)):
             chunk = data[start : start + rows_per_shard]
             table = pa.table({"input_ids": pa.array(list(chunk), type=pa.list_(pa.int32()))})
-            pq.write_table(table, out / "shards" / f"{split}-{i:05d}.parquet")
+            pq.write_table(table, storage.join(curated.shards, CuratedDir.shard_name(split, i)))
         counts[f"{split}_sequences"] = len(data)
-    shutil.copytree(tokenizer_dir, out / "tokenizer")
+    shutil.copytree(tokenizer_dir, curated.tokenizer)
     lineage.write_manifest(
-        str(out), "curated", {"seq_len": seq_len}, seq_len=seq_len, vocab_size=len(tok), counts=counts
+        curated.root, CURATED, {"seq_len": seq_len}, seq_len=seq_len, vocab_size=len(tok), counts=counts
     )
     return str(out)
 

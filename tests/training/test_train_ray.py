@@ -16,6 +16,7 @@ import pytest
 import torch
 from train_helpers import history, signal_after_checkpoints, tiny_run
 
+from core.artifacts import CuratedDir, TrainDir
 from training import checkpoint as ckpt
 from training.run import run, storage_path
 
@@ -41,7 +42,7 @@ def single_process_losses(cfg, curated_dir: str, steps: int) -> list[float]:
     from training.model import build_model, cosine_lr_lambda, param_groups
 
     t = cfg.train
-    tok = AutoTokenizer.from_pretrained(f"{curated_dir}/tokenizer")
+    tok = AutoTokenizer.from_pretrained(CuratedDir(curated_dir).tokenizer)
     tokens = tokens_from_files(shard_files(curated_dir, "train"))
     model = build_model(t.model, t.lora, tok, tokens.shape[1], seed=cfg.seed)
     s = t.schedule
@@ -80,7 +81,7 @@ def test_zero3_two_workers_match_single_process(reference_run, curated_dir):
     assert "checkpoint_s" in hist[3]
     assert manifest["parents"] == [f"{curated_dir}/manifest.json"]
     assert manifest["final"]["step"] == 12
-    assert os.path.getsize(os.path.join(cfg.train.output, "loss_curve.png")) > 1000
+    assert os.path.getsize(TrainDir(cfg.train.output).loss_curve) > 1000
     # keep_last=3: steps 4, 8, 12 kept, each with every rank's shards
     run_dir = os.path.join(storage_path(cfg.train), "run")
     kept = sorted(d for d in os.listdir(run_dir) if d.startswith("step_"))
@@ -96,7 +97,7 @@ def test_export_round_trip(reference_run, curated_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg, _, _ = reference_run
-    export = os.path.join(cfg.train.output, "export")
+    export = TrainDir(cfg.train.output).export.root
     tensors = load_file(os.path.join(export, "model.safetensors"))
     assert tensors and all(t.numel() > 0 for t in tensors.values())
     model = AutoModelForCausalLM.from_pretrained(export)

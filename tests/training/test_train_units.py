@@ -165,3 +165,45 @@ def test_lora_trains_only_adapters_and_exports_an_adapter(tiny_model_dir, curate
         assert torch.allclose(reloaded(x).logits, model(x).logits, atol=1e-6)
     with open(os.path.join(out, "manifest.json")) as f:
         assert json.load(f)["kind"] == "adapter"
+
+
+def test_checkpoint_folders_newest_complete_and_keep_last(tmp_path):
+    for step, complete in ((4, True), (8, True), (12, False)):  # 12: a save cut short
+        folder = tmp_path / ckpt.step_dir_name(step)
+        folder.mkdir()
+        if complete:
+            (folder / ckpt.STATE).write_text("{}")
+    assert ckpt.latest_complete(str(tmp_path)) == str(tmp_path / "step_00000008")
+    assert ckpt.latest_complete(str(tmp_path / "missing")) is None and ckpt.latest_complete(None) is None
+    ckpt.keep_last(str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path)) == ["step_00000008", "step_00000012"]
+
+
+def test_open_resume_checks_the_batch_and_picks_universal_loading(tmp_path):
+    (tmp_path / "ds").mkdir()
+    for rank in range(2):
+        (tmp_path / "ds" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"")
+    state = {"step": 4, "world_size": 2, "seed": 0, "zero_stage": 3, "global_batch_size": 8}
+    (tmp_path / ckpt.STATE).write_text(json.dumps(state))
+    assert not ckpt.open_resume(str(tmp_path), 2, 8).universal
+    resume = ckpt.open_resume(str(tmp_path), 1, 8)  # ZeRO-3 shards of 2 ranks on 1: universal
+    assert resume.universal and resume.state.step == 4 and resume.state.attempt == 0
+    with pytest.raises(ConfigError, match=r"global_batch_size 8; train\.global_batch_size is 16"):
+        ckpt.open_resume(str(tmp_path), 2, 16)
+    # A checkpoint from before attempt / global_batch_size were saved reads with the current batch.
+    old = ckpt.TrainState.from_json({"step": 4, "world_size": 2, "seed": 0}, default_batch=8)
+    assert (old.attempt, old.zero_stage, old.global_batch_size, old.history) == (0, 0, 8, [])
+
+
+def test_reported_metrics_carry_the_latest_eval_and_the_run_name():
+    from training import progress
+
+    history = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5, "eval_loss": 2.7, "eval_perplexity": 14.9}]
+    history.append({"step": 3, "loss": 2.4, "sample_rows_sha": "ab", "first_step_wall": 1.0, "x": [1]})
+    last = progress.latest_eval(history)
+    assert last == {"eval_loss": 2.7, "eval_perplexity": 14.9}
+    assert progress.latest_eval(history[:1]) == {}
+    row = progress.reported_metrics(history[-1], last, "my-run")
+    assert row["eval_loss"] == 2.7 and row["run"] == "my-run" and row["loss"] == 2.4 and "x" not in row
+    # an evaluation on this very step wins over the carried one
+    assert progress.reported_metrics({"step": 4, "eval_loss": 2.6}, last, "r")["eval_loss"] == 2.6

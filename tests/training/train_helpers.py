@@ -10,6 +10,7 @@ from typing import Any
 
 import psutil
 
+from core.artifacts import TrainDir
 from core.config import PlatformConfig, build_config, deep_merge
 
 
@@ -44,7 +45,7 @@ def tiny_run(data_dir: str, root, **train: Any) -> PlatformConfig:
 
 
 def history(cfg: PlatformConfig) -> list[dict[str, Any]]:
-    with open(os.path.join(cfg.train.output, "metrics.jsonl")) as f:
+    with open(TrainDir(cfg.train.output).metrics_jsonl) as f:
         return [json.loads(line) for line in f]
 
 
