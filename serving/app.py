@@ -1,12 +1,11 @@
-"""The Ray Serve deployment: OpenAI routes, dynamic batching, LoRA multiplexing, metrics.
+"""The Ray Serve deployment: OpenAI routes, authentication, request parsing and OpenAI-style errors.
 
 One deployment, `LLMServer`, is both the HTTP ingress (FastAPI) and the model replica, so a request costs
-no extra hop. Each replica holds one base model (engine.py) and an LRU of LoRA adapters
-(`serve.multiplexed`). Requests are tokenized and validated in the route, then queued into a
-`@serve.batch` generator; the admitted batch is handed to a scheduler that prefills it and merges it into
-the running decode batch between two steps (iteration-level batching), all model calls on one worker
-thread so the event loop stays free to accept and stream. Sequences for different adapters never share
-a forward pass: each adapter has its own decode batch and the batches are stepped in turn.
+no extra hop. Each replica holds one base model (engine.py) and one `AsyncEngine` (scheduler.py), which
+owns the engine thread, the admission queue, the decode batches and the LoRA adapters. A route parses and
+validates the request, tokenizes it, and hands it to the engine as one `GenerationRequest`; the deltas
+come back per sequence, collected into one response or streamed as server-sent events (sse.py).
+Batching settings arrive through Serve's user_config (`reconfigure`), so they change in place.
 
 No `from __future__ import annotations` here: FastAPI must see the real `Request` type on the routes.
 """
@@ -14,14 +13,10 @@ No `from __future__ import annotations` here: FastAPI must see the real `Request
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import os
-import time
-from collections import Counter, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,17 +25,15 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
-from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core import metrics
-from serving import api
+from serving import api, sse
 from serving.config import BatchingConfig, ServeConfig
-from serving.engine import DEFAULT_CHAT_STOP, DecodeBatch, Delta, Engine, SamplingParams, check_adapter_dir
+from serving.engine import DEFAULT_CHAT_STOP, Delta, Engine, SamplingParams, check_adapter_dir
+from serving.scheduler import AsyncEngine, GenerationRequest
 
 log = logging.getLogger("raylm")
 DEPLOYMENT_NAME = "LLMServer"
-BATCH_SIZE_BOUNDARIES = (1, 2, 4, 8, 16, 32, 64, 128)
 # Prompts longer than this (characters, all of a request's together) are tokenized on a thread of their
 # own: a few ms of tokenizing inline is cheaper than the hop, seconds of it would stall every stream.
 INLINE_TOKENIZE_CHARS = 16_384
@@ -72,34 +65,6 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(api.error_body("internal server error", kind="server_error"), status_code=500)
 
 
-@dataclass
-class Job:
-    """A slice of one request's sequences (prompts x n) queued for batching; all on one adapter."""
-
-    model_id: str
-    adapter: str | None
-    prompts: list[list[int]]
-    params: list[SamplingParams]
-    arrived: float = field(default_factory=time.monotonic)
-
-
-def _rows(jobs: list[Job]) -> int:
-    return sum(len(j.prompts) for j in jobs)
-
-
-class _AdapterHandle:
-    """What the multiplexing LRU holds for one adapter; Serve calls __del__ when it evicts it."""
-
-    def __init__(self, server: "LLMServer", name: str):
-        self.server, self.name, self.unloaded = server, name, False
-
-    def __del__(self) -> None:
-        # Never block here: this may run on any thread, even the engine thread itself during GC.
-        if not self.unloaded:
-            self.unloaded = True
-            self.server.executor.submit(self.server.engine.unload_adapter, self.name)
-
-
 def adapter_catalog(cfg: ServeConfig) -> dict[str, str]:
     """Adapter id -> folder, from adapters.paths and every adapter sub-folder of adapters.dirs."""
     catalog = dict(cfg.adapters.paths)
@@ -112,140 +77,6 @@ def adapter_catalog(cfg: ServeConfig) -> dict[str, str]:
     for path in catalog.values():
         check_adapter_dir(path)
     return catalog
-
-
-async def _merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave several async iterators as items arrive, tagging each item with its stream's index."""
-    if len(streams) == 1:
-        async for item in streams[0]:
-            yield 0, item
-        return
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-    done = object()
-
-    async def pump(k: int, stream: AsyncIterator[Any]) -> None:
-        try:
-            async for item in stream:
-                await queue.put((k, item))
-        finally:
-            await queue.put((k, done))
-
-    tasks = [asyncio.create_task(pump(k, s)) for k, s in enumerate(streams)]
-    try:
-        finished = 0
-        while finished < len(streams):
-            k, item = await queue.get()
-            if item is done:
-                finished += 1
-            else:
-                yield k, item
-        for t in tasks:
-            if t.done() and t.exception():
-                raise t.exception()
-    finally:
-        for t in tasks:
-            t.cancel()
-
-
-@dataclass
-class _Admission:
-    """Sequences on one adapter waiting to join the decoding batch; tags route each row's output back."""
-
-    adapter: str | None
-    prompts: list[list[int]]
-    params: list[SamplingParams]
-    tags: list[tuple[asyncio.Queue, int, int]]
-
-
-class _Scheduler:
-    """Iteration-level batching on the replica's single engine thread.
-
-    `@serve.batch` forms admission batches; between two decoding steps the scheduler prefills what was
-    admitted and merges it into the running batch of the same adapter, as long as at most
-    max_batch_size sequences decode together. So a request arriving mid-generation starts at the next
-    step instead of waiting for the whole running batch to finish. Batches of different adapters are
-    stepped in turn, never in one forward pass.
-    """
-
-    def __init__(self, server: "LLMServer"):
-        self.server = server
-        self.pending: deque[_Admission] = deque()
-        self.active: list[DecodeBatch] = []
-        self.task: asyncio.Task | None = None
-
-    def submit(self, admission: _Admission) -> None:
-        self.pending.append(admission)
-        if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def _engine(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.server.executor, fn, *args)
-
-    async def _loop(self) -> None:
-        engine = self.server.engine
-        while self.pending or self.active:
-            for admission in self._admit():
-                try:
-                    if admission.adapter is not None:
-                        await self.server.get_adapter(admission.adapter)  # (re)load; refreshes its LRU slot
-                    batch, deltas = await self._engine(
-                        engine.prefill, admission.prompts, admission.params, admission.adapter, admission.tags
-                    )
-                except Exception as exc:
-                    self._fail(admission.tags, exc)
-                    continue
-                self.server.record_batch(len(admission.prompts), admission.adapter)
-                self._deliver(deltas)
-                if batch.seqs:
-                    running = next((b for b in self.active if b.adapter == batch.adapter), None)
-                    if running is None:
-                        self.active.append(batch)
-                    else:
-                        await self._engine(engine.merge, running, batch)
-            for batch in list(self.active):
-                self.server.record_batch(len(batch.seqs), batch.adapter)
-                try:
-                    deltas = await self._engine(engine.step, batch)
-                except Exception as exc:
-                    self._fail(batch.tags, exc)
-                    self.active.remove(batch)
-                    continue
-                self._deliver(deltas)
-                if not batch.seqs:
-                    self.active.remove(batch)
-
-    def _admit(self) -> list[_Admission]:
-        """Take the queued admissions that fit next to the running rows, combined per adapter: everything
-        that arrived during the last step is prefilled together, packed into as few passes as fit."""
-        rows = sum(len(b.seqs) for b in self.active)
-        combined: dict[str | None, _Admission] = {}
-        while self.pending and (
-            rows == 0 or rows + len(self.pending[0].prompts) <= self.server.max_batch_size
-        ):
-            admission = self.pending.popleft()
-            rows += len(admission.prompts)
-            if admission.adapter in combined:
-                into = combined[admission.adapter]
-                into.prompts += admission.prompts
-                into.params += admission.params
-                into.tags += admission.tags
-            else:
-                combined[admission.adapter] = admission
-        return list(combined.values())
-
-    @staticmethod
-    def _deliver(deltas: list[tuple[Any, Delta]]) -> None:
-        by_inbox: dict[asyncio.Queue, list[Any]] = {}
-        for (inbox, j, r), delta in deltas:
-            by_inbox.setdefault(inbox, []).append(((j, r), delta))
-        for inbox, items in by_inbox.items():
-            inbox.put_nowait(items)
-
-    @staticmethod
-    def _fail(tags: list[Any], exc: BaseException) -> None:
-        log.error("generation failed: %s", exc)
-        for inbox in {tag[0] for tag in tags}:
-            inbox.put_nowait(exc)
 
 
 def hash_key(key: str) -> str:
@@ -262,7 +93,7 @@ class LLMServer:
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
         self.cfg, self.model_id = cfg, model_id
         self.key_hashes = list(api_key_sha256 or [])
-        self.engine = Engine(
+        self.model = Engine(
             cfg.model,
             dtype=cfg.dtype,
             quantization=cfg.quantization.method,
@@ -275,23 +106,18 @@ class LLMServer:
         self.catalog = adapter_catalog(cfg)
         if model_id in self.catalog:
             raise ValueError(f"adapter id {model_id!r} is the same as the base model id")
-        # One thread runs every model call, so adapters are never swapped under a running forward pass.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-engine")
+        self.engine = AsyncEngine(
+            self.model,
+            model_id,
+            self.catalog,
+            max_loaded=cfg.adapters.max_loaded,
+            max_batch_size=cfg.batching.max_batch_size,
+            batch_wait_timeout_s=cfg.batching.batch_wait_timeout_s,
+        )
         # Large prompts are tokenized here, neither on the event loop nor behind the decoding steps. Encoding
         # without padding or truncation only reads the Rust tokenizer, as the engine thread's decode() does,
         # so the two threads can share it.
         self.tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-tokenize")
-        self.max_batch_size = cfg.batching.max_batch_size
-        self.batch_sizes: Counter[int] = Counter()  # rows per decoding forward pass, for stats() and tests
-        self.scheduler = _Scheduler(self)
-
-        async def load_adapter(adapter_id: str) -> _AdapterHandle:
-            await asyncio.get_running_loop().run_in_executor(
-                self.executor, self.engine.load_adapter, adapter_id, self.catalog[adapter_id]
-            )
-            return _AdapterHandle(self, adapter_id)
-
-        self.get_adapter = serve.multiplexed(max_num_models_per_replica=cfg.adapters.max_loaded)(load_adapter)
         log.info(
             "serving %s (%s, quantization %s) with adapters %s",
             model_id,
@@ -303,99 +129,16 @@ class LLMServer:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this with `user_config` at start and on every config update: batching knobs."""
         batching = BatchingConfig.model_validate(user_config)
-        self.max_batch_size = batching.max_batch_size
-        self._generate_batch.set_max_batch_size(batching.max_batch_size)
-        self._generate_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.engine.reconfigure(batching.max_batch_size, batching.batch_wait_timeout_s)
 
     def stats(self) -> dict[str, Any]:
         """Batch sizes seen so far and current batching settings (for tests, benchmarks, debugging)."""
         return {
-            "batch_sizes": dict(self.batch_sizes),
-            "max_batch_size": self.max_batch_size,
-            "batch_wait_timeout_s": self._generate_batch._get_batch_wait_timeout_s(),
-            "memory_bytes": self.engine.memory_footprint(),
-            "loaded_adapters": list(self.engine.adapters),
-            "packed_prefill": self.engine.packed_prefill,
+            **self.engine.stats(),
+            "memory_bytes": self.model.memory_footprint(),
+            "packed_prefill": self.model.packed_prefill,
             "pid": os.getpid(),
         }
-
-    # ---- batching -----------------------------------------------------------------------------
-    @serve.batch(
-        max_batch_size=8, batch_wait_timeout_s=0.005, max_concurrent_batches=256, batch_size_fn=_rows
-    )
-    async def _generate_batch(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
-        """Admit a batch of jobs (one prefill per adapter group), then yield, per forward pass, one entry
-        per job: [(row, Delta), ...], or StopIteration once the job is done."""
-        now = time.monotonic()
-        inbox: asyncio.Queue[Any] = asyncio.Queue()
-        groups: dict[str | None, list[int]] = {}
-        for j, job in enumerate(jobs):
-            groups.setdefault(job.adapter, []).append(j)
-            metrics.histogram(
-                "serve_queue_wait_s",
-                now - job.arrived,
-                {"model": job.model_id},
-                "request arrival to its batch",
-            )
-        for adapter, members in groups.items():
-            owners = [(j, r) for j in members for r in range(len(jobs[j].prompts))]
-            self.scheduler.submit(
-                _Admission(
-                    adapter,
-                    [jobs[j].prompts[r] for j, r in owners],
-                    [jobs[j].params[r] for j, r in owners],
-                    [(inbox, j, r) for j, r in owners],
-                )
-            )
-        left = [len(job.prompts) for job in jobs]
-        stopped = [False] * len(jobs)
-        while any(left):
-            item = await inbox.get()
-            if isinstance(item, BaseException):
-                raise item
-            out: list[Any] = [StopIteration if stopped[j] else [] for j in range(len(jobs))]
-            for (j, r), delta in item:
-                out[j].append((r, delta))
-                left[j] -= delta.finish_reason is not None
-            yield out
-            stopped = [done or n == 0 for done, n in zip(stopped, left)]
-
-    def record_batch(self, rows: int, adapter: str | None) -> None:
-        self.batch_sizes[rows] += 1
-        metrics.histogram(
-            "serve_batch_size",
-            rows,
-            {"model": adapter or self.model_id},
-            "sequences per forward pass",
-            boundaries=BATCH_SIZE_BOUNDARIES,
-        )
-
-    async def _run(self, jobs: list[Job]) -> AsyncIterator[tuple[int, Delta]]:
-        """(sequence index in the request, Delta) as they come, from every job of one request."""
-        offsets = [sum(len(j.prompts) for j in jobs[:k]) for k in range(len(jobs))]
-        first = True
-        started = jobs[0].arrived
-        tokens = 0
-        if len(jobs) == 1:
-            streams = [self._generate_batch(jobs[0])]
-        else:
-            streams = [self._generate_batch(job) for job in jobs]
-        async for k, deltas in _merge(streams):
-            for r, delta in deltas:
-                if first and delta.completion_tokens:
-                    first = False
-                    metrics.histogram(
-                        "serve_time_to_first_token_s",
-                        time.monotonic() - started,
-                        {"model": jobs[0].model_id},
-                        "request arrival to its first token",
-                    )
-                if delta.finish_reason is not None:
-                    tokens += delta.completion_tokens
-                yield offsets[k] + r, delta
-        metrics.counter(
-            "serve_tokens_generated", tokens, {"model": jobs[0].model_id}, "completion tokens generated"
-        )
 
     # ---- request handling ---------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -456,9 +199,9 @@ class LLMServer:
     async def _encode(self, texts: list[str], param: str) -> list[list[int]]:
         """Token ids of the prompts. One that surely passes the context is refused before any tokenizing
         (engine.min_tokens); large ones are tokenized off the event loop so other requests keep flowing."""
-        context = self.engine.context_length
+        context = self.model.context_length
         for text in texts:
-            if (least := self.engine.min_tokens(text)) >= context:
+            if (least := self.model.min_tokens(text)) >= context:
                 raise api.OpenAIError(
                     400,
                     f"This model's maximum context length is {context} tokens. However, your prompt has "
@@ -467,21 +210,21 @@ class LLMServer:
                     code="context_length_exceeded",
                 )
         if sum(len(t) for t in texts) <= INLINE_TOKENIZE_CHARS:
-            return [self.engine.encode(t) for t in texts]
+            return [self.model.encode(t) for t in texts]
         return await asyncio.get_running_loop().run_in_executor(
-            self.tokenize_executor, lambda: [self.engine.encode(t) for t in texts]
+            self.tokenize_executor, lambda: [self.model.encode(t) for t in texts]
         )
 
-    def _jobs(self, req: api._Request, prompts: list[list[int]], stop: list[str]) -> list[Job]:
+    def _generation(self, req: api._Request, prompts: list[list[int]], stop: list[str]) -> GenerationRequest:
         if any(len(p) == 0 for p in prompts):
             raise api.OpenAIError(400, "prompt must not be empty", param="prompt")
         longest = max(len(p) for p in prompts)
-        room = self.engine.context_length - longest
+        room = self.model.context_length - longest
         if room < 1 or (req.max_tokens is not None and req.max_tokens > room):
             wanted = req.max_tokens or 1
             raise api.OpenAIError(
                 400,
-                f"This model's maximum context length is {self.engine.context_length} tokens. However, you "
+                f"This model's maximum context length is {self.model.context_length} tokens. However, you "
                 f"requested {longest + wanted} tokens ({longest} in the prompt, {wanted} for the completion).",
                 param="max_tokens" if room >= 1 else "prompt",
                 code="context_length_exceeded",
@@ -495,101 +238,65 @@ class LLMServer:
                 seqs.append(
                     (prompt, SamplingParams(max_tokens, req.temperature, req.top_p, tuple(stop), seed))
                 )
-        size = self.max_batch_size  # a request bigger than one batch is split into batch-sized jobs
-        return [
-            Job(req.model, adapter, [p for p, _ in seqs[i : i + size]], [s for _, s in seqs[i : i + size]])
-            for i in range(0, len(seqs), size)
-        ]
+        return GenerationRequest(req.model, adapter, [p for p, _ in seqs], [sp for _, sp in seqs])
 
-    async def _collect(self, jobs: list[Job]) -> tuple[list[str], list[str | None], int]:
-        total = sum(len(j.prompts) for j in jobs)
-        texts, reasons, tokens = [""] * total, [None] * total, [0] * total
-        async for i, delta in self._run(jobs):
-            texts[i] += delta.text
-            tokens[i] = delta.completion_tokens
-            reasons[i] = delta.finish_reason or reasons[i]
+    @staticmethod
+    async def _collect(
+        deltas: AsyncGenerator[tuple[int, Delta], None], n: int
+    ) -> tuple[list[str], list[str | None], int]:
+        texts, reasons, tokens = [""] * n, [None] * n, [0] * n
+        try:
+            async for i, delta in deltas:
+                texts[i] += delta.text
+                tokens[i] = delta.completion_tokens
+                reasons[i] = delta.finish_reason or reasons[i]
+        finally:
+            await deltas.aclose()  # the client went away: its sequences leave the running batch
         return texts, reasons, sum(tokens)
 
-    async def _preload(self, jobs: list[Job]) -> None:
-        """Load the request's adapter before a stream starts: once its 200 is sent, a failure can only be
-        an error event, so whatever can fail is done first (the scheduler's own load is then a cache hit)."""
-        if jobs[0].adapter is not None:
-            await self.get_adapter(jobs[0].adapter)
-
-    def _stream(
-        self,
-        jobs: list[Job],
-        req: api._Request,
-        chunk: Any,
-        obj: str,
-        prompt_tokens: int,
-        rid: str,
-        chat: bool,
-    ) -> EventSourceResponse:
-        async def events() -> AsyncIterator[dict[str, str]]:
-            tokens: dict[int, int] = {}
-            try:
-                if chat:
-                    for i in range(sum(len(j.prompts) for j in jobs)):
-                        yield {
-                            "data": json.dumps(
-                                chunk(rid, req.model, i, {"role": "assistant", "content": ""}, None)
-                            )
-                        }
-                async for i, delta in self._run(jobs):
-                    tokens[i] = delta.completion_tokens
-                    if delta.text or delta.finish_reason:
-                        payload: Any = delta.text
-                        if chat:
-                            payload = {"content": delta.text} if delta.text else {}
-                        yield {"data": json.dumps(chunk(rid, req.model, i, payload, delta.finish_reason))}
-                if req.include_usage_in_stream():
-                    yield {
-                        "data": json.dumps(
-                            api.usage_chunk(rid, req.model, obj, prompt_tokens, sum(tokens.values()))
-                        )
-                    }
-            except Exception:
-                log.exception("generation failed mid-stream")
-                yield {"data": json.dumps(api.error_body("internal server error", kind="server_error"))}
-            yield {"data": "[DONE]"}
-
-        return EventSourceResponse(events(), ping=15)
+    async def _respond(
+        self, req: api._Request, gen: GenerationRequest, prompt_tokens: int, chat: bool
+    ) -> Any:
+        """Submit the request (its adapter loaded first, so a failure is an error response, never an error
+        event after a 200), then stream its deltas or collect them into one response body."""
+        deltas = await self.engine.submit(gen)
+        rid = api.new_id("chatcmpl" if chat else "cmpl")
+        if req.stream:
+            fmt = sse.StreamFormat(
+                rid,
+                req.model,
+                api.chat_chunk if chat else api.completion_chunk,
+                "chat.completion.chunk" if chat else "text_completion",
+                chat,
+                len(gen.prompts),
+                prompt_tokens,
+                req.include_usage_in_stream(),
+            )
+            return sse.response(deltas, fmt)
+        texts, reasons, tokens = await self._collect(deltas, len(gen.prompts))
+        body = api.chat_body if chat else api.completion_body
+        return body(rid, req.model, texts, reasons, prompt_tokens, tokens)
 
     @fastapi_app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         req: api.CompletionRequest = await self._parse(request, api.CompletionRequest)
         prompts = await self._encode(req.prompts(), "prompt")
-        jobs = self._jobs(req, prompts, req.stop_list())
-        prompt_tokens, rid = sum(len(p) for p in prompts), api.new_id("cmpl")
-        if req.stream:
-            await self._preload(jobs)
-            return self._stream(
-                jobs, req, api.completion_chunk, "text_completion", prompt_tokens, rid, chat=False
-            )
-        texts, reasons, tokens = await self._collect(jobs)
-        return api.completion_body(rid, req.model, texts, reasons, prompt_tokens, tokens)
+        gen = self._generation(req, prompts, req.stop_list())
+        return await self._respond(req, gen, sum(len(p) for p in prompts), chat=False)
 
     @fastapi_app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Any:
         req: api.ChatCompletionRequest = await self._parse(request, api.ChatCompletionRequest)
         try:
-            prompt = self.engine.render_chat(req.plain_messages())
+            prompt = self.model.render_chat(req.plain_messages())
         except Exception as exc:  # a template error is about the messages given, e.g. roles out of order
             raise api.OpenAIError(
                 400, f"messages do not fit the chat template: {exc}", param="messages"
             ) from None
-        stop = req.stop_list() + ([DEFAULT_CHAT_STOP] if self.engine.uses_default_template else [])
+        stop = req.stop_list() + ([DEFAULT_CHAT_STOP] if self.model.uses_default_template else [])
         prompts = await self._encode([prompt], "messages")
-        jobs = self._jobs(req, prompts, stop)
-        prompt_tokens, rid = len(prompts[0]), api.new_id("chatcmpl")
-        if req.stream:
-            await self._preload(jobs)
-            return self._stream(
-                jobs, req, api.chat_chunk, "chat.completion.chunk", prompt_tokens, rid, chat=True
-            )
-        texts, reasons, tokens = await self._collect(jobs)
-        return api.chat_body(rid, req.model, texts, reasons, prompt_tokens, tokens)
+        gen = self._generation(req, prompts, stop)
+        return await self._respond(req, gen, len(prompts[0]), chat=True)
 
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request) -> Any:

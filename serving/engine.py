@@ -1,28 +1,29 @@
 """Load an HF causal LM (optionally bitsandbytes-quantized, with LoRA adapters) and generate in batches.
 
-No Ray here: app.py wraps this in a Serve deployment. Generation works on a `DecodeBatch`: `prefill`
-runs the prompts packed into one row (no padding computed), `step` decodes one
+No Ray and no asyncio here: scheduler.py drives this from its engine thread. Generation works on a
+`DecodeBatch`: `prefill` runs the prompts packed into one row (no padding computed), `step` decodes one
 token for every row with the KV cache (appended in place, kv_cache.py), and rows that finish leave the
 batch (and the cache). `merge` appends a freshly prefilled batch to a running one (the shorter KV history
-is left-padded and masked), which is what lets the server add requests between two steps. `generate`
-wraps all this as a plain generator for scripts and tests. Nothing here is thread-safe: the caller runs
-every call on one thread.
+is left-padded and masked), which is what lets the server add requests between two steps. Each row's
+text is detokenized incrementally (detokenizer.py). `generate` wraps all this as a plain generator for
+scripts and tests. Nothing here is thread-safe: the caller runs every call on one thread, and unloads an
+adapter only when no batch uses it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from core.artifacts import ExportDir
 from core.errors import InputError
 from serving import kv_cache
+from serving.detokenizer import TextStream
 
 log = logging.getLogger("raylm")
 
@@ -73,13 +74,13 @@ class Delta:
 
 @dataclass
 class _Sequence:
-    """Decoding state of one row: its tokens, the text already handed out, its random generator."""
+    """Decoding state of one row: its tokens, its text stream, its random generator."""
 
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator
+    text: TextStream
     ids: list[int] = field(default_factory=list)
-    emitted: int = 0
     finish_reason: str | None = None
 
 
@@ -106,18 +107,11 @@ def pick_device(device: str) -> str:
 
 
 def check_model_dir(path: str) -> None:
-    if not os.path.isdir(path):
-        raise InputError(f"model folder {path} does not exist (serve.model)")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise InputError(f"{path} has no config.json: not an HF model folder (serve.model)")
-    if not any(f.endswith(".safetensors") for f in os.listdir(path)):
-        raise InputError(f"{path} has no .safetensors weights; raylm loads safetensors only")
+    ExportDir(path).validate_model("serve.model")
 
 
 def check_adapter_dir(path: str) -> None:
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise InputError(f"adapter folder {path} has no {name}")
+    ExportDir(path).validate_adapter()
 
 
 def quantization_config(method: str, dtype: torch.dtype, double_quant: bool = True) -> Any:
@@ -179,8 +173,6 @@ class Engine:
         )
         self.max_token_chars = _max_token_chars(self.tokenizer)
         self.adapters: list[str] = []
-        self._in_use: Counter[str] = Counter()
-        self._unload_pending: set[str] = set()
         self._warm_up(quantization)
         self.packed_prefill = self._packed_prefill_works()
 
@@ -218,7 +210,6 @@ class Engine:
 
         check_adapter_dir(path)
         if name in self.adapters:
-            self._unload_pending.discard(name)
             return
         if isinstance(self.model, PeftModel):
             self.model.load_adapter(path, adapter_name=_peft_name(name), is_trainable=False)
@@ -231,11 +222,8 @@ class Engine:
         log.info("loaded adapter %s from %s", name, path)
 
     def unload_adapter(self, name: str) -> None:
-        """Unload now, or once the generations using it end (an LRU eviction can race a running batch)."""
+        """Unload an adapter; the caller makes sure no batch decodes on it (scheduler.py counts its users)."""
         if name not in self.adapters:
-            return
-        if self._in_use[name]:
-            self._unload_pending.add(name)
             return
         # peft keeps one adapter around as the "active" one; deleting the last is fine since base
         # requests run with adapters disabled anyway.
@@ -306,7 +294,10 @@ class Engine:
     def _prefill_pass(
         self, prompts: list[list[int]], params: list[SamplingParams], adapter: str | None, tags: list[Any]
     ) -> tuple[DecodeBatch, list[tuple[Any, Delta]]]:
-        seqs = [_Sequence(p, sp, _generator(sp.seed)) for p, sp in zip(prompts, params)]
+        seqs = [
+            _Sequence(p, sp, _generator(sp.seed), TextStream(self._decode, sp.stop))
+            for p, sp in zip(prompts, params)
+        ]
         lengths = torch.tensor([len(p) for p in prompts])
         width = int(lengths.max())
         forward = self._packed_forward if self.packed_prefill else self._padded_forward
@@ -314,8 +305,6 @@ class Engine:
         # The decode-time view of every row: left-padded to the longest prompt, next position = length.
         mask = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long().to(self.device)
         positions = (lengths - 1)[:, None].to(self.device)
-        if adapter is not None:  # an LRU eviction of this adapter now waits until these rows finish
-            self._in_use[adapter] += len(seqs)
         batch = DecodeBatch(adapter, seqs, list(tags), cache, mask, positions, None)
         return batch, self._advance(batch, logits)
 
@@ -427,26 +416,24 @@ class Engine:
             (tag, self._push(seq, tok)) for tag, seq, tok in zip(batch.tags, batch.seqs, tokens.tolist())
         ]
         batch.tokens = tokens
-        keep = [i for i, seq in enumerate(batch.seqs) if seq.finish_reason is None]
-        if len(keep) < len(batch.seqs):
-            done = len(batch.seqs) - len(keep)
-            if keep:
-                index = torch.tensor(keep, device=self.device)
-                batch.cache.batch_select_indices(index)
-                batch.mask, batch.positions = batch.mask[index], batch.positions[index]
-                batch.tokens = batch.tokens[index.cpu()]
-            batch.seqs = [batch.seqs[i] for i in keep]
-            batch.tags = [batch.tags[i] for i in keep]
-            self._release(batch.adapter, done)
+        self.keep_rows(batch, [i for i, seq in enumerate(batch.seqs) if seq.finish_reason is None])
         return deltas
 
-    def _release(self, adapter: str | None, rows: int) -> None:
-        if adapter is None:
-            return
-        self._in_use[adapter] -= rows
-        if adapter in self._unload_pending and self._in_use[adapter] <= 0:
-            self._unload_pending.discard(adapter)
-            self.unload_adapter(adapter)
+    def keep_rows(self, batch: DecodeBatch, keep: list[int]) -> list[Any]:
+        """Keep only the rows `keep` (indices, in order) of the batch; returns the tags of the others."""
+        if len(keep) == len(batch.seqs):
+            return []
+        kept = set(keep)
+        gone = [tag for i, tag in enumerate(batch.tags) if i not in kept]
+        if keep:
+            index = torch.tensor(keep, device=self.device)
+            batch.cache.batch_select_indices(index)
+            batch.mask, batch.positions = batch.mask[index], batch.positions[index]
+            if batch.tokens is not None:
+                batch.tokens = batch.tokens[index.cpu()]
+        batch.seqs = [batch.seqs[i] for i in keep]
+        batch.tags = [batch.tags[i] for i in keep]
+        return gone
 
     def _sample(self, logits: torch.Tensor, seqs: list[_Sequence]) -> torch.Tensor:
         logits = logits.float().cpu()
@@ -472,35 +459,22 @@ class Engine:
         """Append a token to a row; return the text that is now safe to hand out."""
         if token == self.eos_id:
             seq.finish_reason = "stop"
-            text = self._decode(seq)
-            return self._emit(seq, len(text), text)
+            return Delta(seq.text.take(), len(seq.ids), seq.finish_reason)
         seq.ids.append(token)
-        text = self._decode(seq)
-        for stop in seq.params.stop:
-            at = text.find(stop, max(0, seq.emitted - len(stop)))
-            if at != -1:
-                seq.finish_reason = "stop"
-                return self._emit(seq, at, text)
+        seq.text.add(seq.ids)
+        at = seq.text.stop_at()
+        if at is not None:
+            seq.finish_reason = "stop"
+            return Delta(seq.text.take(at), len(seq.ids), seq.finish_reason)
         if len(seq.ids) >= seq.params.max_tokens:
             seq.finish_reason = "length"
-            return self._emit(seq, len(text), text)
-        # Hold back a partial UTF-8 character, and any tail that could be the start of a stop string.
-        safe = len(text.rstrip("\ufffd"))
-        for stop in seq.params.stop:
-            for k in range(min(len(stop) - 1, len(text)), 0, -1):
-                if text.endswith(stop[:k]):
-                    safe = min(safe, len(text) - k)
-                    break
-        return self._emit(seq, max(safe, seq.emitted), text)
+            return Delta(seq.text.take(), len(seq.ids), seq.finish_reason)
+        return Delta(seq.text.take(seq.text.safe()), len(seq.ids))
 
-    def _decode(self, seq: _Sequence) -> str:
-        return self.tokenizer.decode(seq.ids, skip_special_tokens=True)
-
-    @staticmethod
-    def _emit(seq: _Sequence, upto: int, text: str) -> Delta:
-        delta = text[seq.emitted : upto] if upto > seq.emitted else ""
-        seq.emitted = max(seq.emitted, upto)
-        return Delta(delta, len(seq.ids), seq.finish_reason)
+    def _decode(self, ids: list[int]) -> str:
+        # No clean-up of spaces before punctuation: it is not a per-token operation, so a window's text
+        # could differ from the same characters inside a longer text.
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def complete(self, prompt: str, params: SamplingParams, adapter: str | None = None) -> str:
         """Generate one completion to the end (a convenience for scripts and tests)."""

@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from core import outputs, storage
-from core.config import PlatformConfig, join
+from core.artifacts import SERVE, RunDir
+from core.config import PlatformConfig
 from core.errors import ConfigError
 from serving.config import ServeConfig
 from serving.engine import check_model_dir
@@ -23,11 +24,8 @@ from serving.engine import check_model_dir
 log = logging.getLogger("raylm")
 
 
-SERVE = "serve"  # the kind of output this stage writes (the folder holding serve_config.yaml)
-
-
 def serve_dir(cfg: PlatformConfig) -> str:
-    return join(cfg.run_dir, "serve")
+    return RunDir(cfg.run_dir).serve
 
 
 def preflight(cfg: PlatformConfig) -> None:
@@ -114,7 +112,7 @@ def run(cfg: PlatformConfig) -> None:
     preflight(cfg)  # again: run() is also called without the CLI
     outputs.claim_run_dir(cfg.run_dir, serve_dir(cfg))
     outputs.claim(serve_dir(cfg), SERVE)
-    config_path = write_serve_config(sc, model_id, hashes, join(serve_dir(cfg), "serve_config.yaml"))
+    config_path = write_serve_config(sc, model_id, hashes, RunDir(cfg.run_dir).serve_config)
     url = start(sc, model_id, hashes)
     print(f"raylm: serving '{model_id}' at {url} (OpenAI API; Ctrl-C to stop)", flush=True)
     print(f"raylm: Ray Serve config for `serve deploy`: {config_path}", flush=True)
