@@ -6,7 +6,7 @@ parquet. Each side runs in its own subprocess so that peak memory is measured cl
 set size (PSS) of the subprocess and all its descendants (for raylm: the driver, raylet, GCS and every
 Ray worker, object store pages included), sampled every 0.2 s.
 
-Scores (pipelines.synthetic.score_clusters), computed identically for both: over pairs of documents.
+Scores (tests.synthetic.score_clusters), computed identically for both: over pairs of documents.
 Predicted pair = two documents with the same cluster_id (datasketch: its LSH query results unioned
 into clusters). True pair = two documents connected by a chain of pairs whose exact Jaccard on the
 same shingles is >= threshold (the generator measures every pair inside a family; documents of
@@ -69,7 +69,7 @@ class PeakMemory:
 
 def corpus_files(args) -> tuple[list[Path], Path, float]:
     """Generate the corpus once per (docs, seed, words) and reuse it."""
-    from pipelines.synthetic import generate_corpus, write_corpus
+    from tests.synthetic import generate_corpus, write_corpus
 
     folder = ROOT / ".bench" / f"dedup-corpus-{args.docs}-{args.seed}-{args.min_words}-{args.max_words}"
     start = time.perf_counter()
@@ -114,7 +114,7 @@ def run_datasketch(paths: list[str], out: str) -> dict:
 
     from pipelines.config import NearDedupConfig
     from pipelines.dedup.minhash import shingle_sets
-    from pipelines.synthetic import union_find
+    from tests.synthetic import union_find
 
     cfg = NearDedupConfig()
     with PeakMemory() as memory:
@@ -151,7 +151,7 @@ def run_datasketch(paths: list[str], out: str) -> dict:
 def score(out: str, truth_path: Path, threshold: float) -> dict:
     import pyarrow.parquet as pq
 
-    from pipelines.synthetic import read_truth, score_clusters
+    from tests.synthetic import read_truth, score_clusters
 
     table = pq.read_table(out, columns=["id", "cluster_id", "kept"])
     cluster_of = dict(zip(table.column("id").to_pylist(), table.column("cluster_id").to_pylist()))

@@ -32,29 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-WORDS = [
-    "the",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "that",
-    "with",
-    "as",
-    "by",
-    "model",
-    "data",
-    "train",
-    "cluster",
-    "worker",
-    "token",
-    "river",
-    "stone",
-]
+from core.artifacts import TrainDir  # noqa: E402
 
 
 def make_curated(out: Path, seq_len: int, rows: int, vocab: int = 2048) -> str:
@@ -63,27 +41,30 @@ def make_curated(out: Path, seq_len: int, rows: int, vocab: int = 2048) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from core import lineage
+    from core import lineage, storage
+    from core.artifacts import CURATED, CuratedDir
     from pipelines.tokenize import train_tokenizer
+    from tests.synthetic import sample_text
 
     rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) + str(rng.randint(0, 300)) for _ in range(80)) for _ in range(800)]
+    texts = [sample_text(rng, 80) for _ in range(800)]
     tok = train_tokenizer(iter(texts), vocab_size=vocab)
-    tok.save_pretrained(out / "tokenizer")
+    curated = CuratedDir(str(out))
+    tok.save_pretrained(curated.tokenizer)
     ids: list[int] = []
     while len(ids) < rows * seq_len:
         ids += tok(rng.choice(texts), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     data = np.asarray(ids[: rows * seq_len], dtype=np.int32).reshape(rows, seq_len)
-    (out / "shards").mkdir(parents=True)
+    Path(curated.shards).mkdir(parents=True)
     n_eval = max(8, rows // 20)
     for split, part in (("train", data[n_eval:]), ("eval", data[:n_eval])):
         pq.write_table(
             pa.table({"input_ids": pa.array(list(part), type=pa.list_(pa.int32()))}),
-            out / "shards" / f"{split}-00000.parquet",
+            storage.join(curated.shards, CuratedDir.shard_name(split, 0)),
         )
     lineage.write_manifest(
-        str(out),
-        "curated",
+        curated.root,
+        CURATED,
         {},
         seq_len=seq_len,
         vocab_size=len(tok),
@@ -123,7 +104,7 @@ def train_cfg(data_dir: str, out: Path, **over):
 
 
 def read_history(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in Path(TrainDir(str(out)).metrics_jsonl).read_text().splitlines()]
 
 
 def summarize(hist: list[dict], t_launch: float) -> dict:
@@ -152,7 +133,7 @@ def run_torchrun(data_dir: str, out: Path, seq_len: int, nproc: int = 2, **over)
 
     t = train_cfg(data_dir, out, num_workers=nproc, **over)
     config = loop_config(
-        t, 0, {"seq_len": seq_len}, None, backend="torchrun", storage_dir=str(out / "checkpoints")
+        t, 0, {"seq_len": seq_len}, None, backend="torchrun", storage_dir=TrainDir(str(out)).checkpoints
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config))

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from tests.fake_text import sample_text
+from tests.synthetic import sample_text
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,4 +1,11 @@
-"""Synthetic corpora with planted near-duplicates and exact ground truth.
+"""Synthetic text for the tests and the benchmarks (never installed with raylm): the one place text is made up.
+
+Two generators:
+- `sample_text` / `document`: word salad from a small fixed vocabulary (WORDS), so a tokenizer trained
+  on it is tiny and every test that tokenizes generated text sees the same words.
+- `generate_corpus`: English-looking corpora with planted near-duplicates and exact ground truth, for
+  the dedup tests and benchmarks (described below).
+
 
 A corpus is made of families. A unique document is a family of one. A duplicate family is a base
 document plus edited variants: near-duplicates (a few scattered word substitutions, insertions and
@@ -12,7 +19,7 @@ family. Documents of different families are independent random text, whose 5-gra
 tests check a sample). Ids are `doc-NNNNNNN`, assigned in a shuffled order so a family's base is not
 systematically its smallest id.
 
-CLI: python -m pipelines.synthetic OUT_DIR --docs 50000 [--shards 8] [--seed 0]
+CLI: python -m tests.synthetic OUT_DIR --docs 50000 [--shards 8] [--seed 0]
 writes OUT_DIR/docs-0000N.jsonl.gz ({"id", "text"}) and OUT_DIR/truth.jsonl.gz ({"a", "b", "jaccard"}).
 """
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -30,7 +38,77 @@ import numpy as np
 
 from pipelines.dedup.minhash import shingle_sets
 
-WORDS: list[str] = (Path(__file__).with_name("synthetic_words.txt")).read_text().split()
+COMMON_WORDS: list[str] = (Path(__file__).with_name("synthetic_words.txt")).read_text().split()
+"""~2,900 common English words, stop words first (the Zipf-like corpora draw from these)."""
+
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "it",
+    "an",
+    "be",
+    "this",
+    "are",
+    "or",
+    "which",
+    "have",
+    "not",
+    "his",
+    "model",
+    "data",
+    "train",
+    "cluster",
+    "worker",
+    "token",
+    "shard",
+    "serve",
+    "batch",
+    "layer",
+    "weight",
+    "gradient",
+    "loss",
+    "step",
+    "ray",
+    "node",
+    "river",
+    "mountain",
+    "garden",
+    "window",
+    "letter",
+    "morning",
+    "summer",
+    "winter",
+    "market",
+    "village",
+    "city",
+    "road",
+    "forest",
+    "stone",
+]
+"""A small vocabulary for word salad: tokenizers trained on it stay tiny."""
+
+
+def sample_text(rng: random.Random, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words)) + "."
+
+
+def document(rng: random.Random, n_words: int = 120) -> str:
+    """Word salad in capitalized sentences of 12 words, which passes the Gopher-style quality filters."""
+    words = [rng.choice(WORDS) for _ in range(n_words)]
+    return " ".join(" ".join(words[i : i + 12]).capitalize() + "." for i in range(0, n_words, 12))
 
 
 @dataclass
@@ -52,12 +130,12 @@ class _TextSampler:
 
     def __init__(self, rng: np.random.Generator):
         self.rng = rng
-        weights = 1.0 / (np.arange(len(WORDS)) + 5.0)
+        weights = 1.0 / (np.arange(len(COMMON_WORDS)) + 5.0)
         self.cdf = np.cumsum(weights / weights.sum())
 
     def words(self, n: int) -> list[str]:
         idx = np.searchsorted(self.cdf, self.rng.random(n))
-        return [WORDS[i] for i in np.minimum(idx, len(WORDS) - 1)]
+        return [COMMON_WORDS[i] for i in np.minimum(idx, len(COMMON_WORDS) - 1)]
 
     def sentences(self, n_words: int) -> list[list[str]]:
         words = self.words(n_words)
