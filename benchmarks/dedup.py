@@ -84,9 +84,8 @@ def corpus_files(args) -> tuple[list[Path], Path, float]:
 
 def run_raylm(paths: list[str], out: str, num_cpus: int) -> dict:
     import ray
-
-    from pipelines.config import NearDedupConfig
-    from pipelines.dedup.near import bands_and_rows, near_duplicate_clusters
+    from raylm.pipelines.config import NearDedupConfig
+    from raylm.pipelines.dedup.near import bands_and_rows, near_duplicate_clusters
 
     cfg = NearDedupConfig()
     start = time.perf_counter()
@@ -111,9 +110,9 @@ def run_datasketch(paths: list[str], out: str) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from datasketch import MinHash, MinHashLSH
+    from raylm.pipelines.config import NearDedupConfig
+    from raylm.pipelines.dedup.minhash import shingle_sets
 
-    from pipelines.config import NearDedupConfig
-    from pipelines.dedup.minhash import shingle_sets
     from tests.synthetic import union_find
 
     cfg = NearDedupConfig()
@@ -186,7 +185,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    from pipelines.config import NearDedupConfig
+    from raylm.pipelines.config import NearDedupConfig
 
     cfg = NearDedupConfig()
     text_mb = 0.0

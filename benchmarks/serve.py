@@ -59,7 +59,7 @@ def stdlib_docstrings(limit_files: int = 400) -> list[str]:
 
 
 def save_tokenizer(texts: list[str], out: Path, vocab_size: int) -> str:
-    from pipelines.tokenize import train_tokenizer
+    from raylm.pipelines.tokenize import train_tokenizer
 
     tok = train_tokenizer(iter(texts), vocab_size=vocab_size, min_frequency=2)
     tok.save_pretrained(out)
@@ -260,9 +260,8 @@ def start_raylm(model_dir: str, cpus: int) -> dict[str, tuple[str, str]]:
     """Both raylm variants as two Serve applications (each replica gets `cpus` CPUs; only one is busy at
     a time)."""
     import ray
-
-    from serving.config import ServeConfig
-    from serving.run import start
+    from raylm.serving.config import ServeConfig
+    from raylm.serving.run import start
 
     ray.init(num_cpus=2 * cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
@@ -346,7 +345,7 @@ def run_throughput(
 
 
 def quantization_quality(model_dir: str, held_out: list[str]) -> dict:
-    from serving.engine import Engine
+    from raylm.serving.engine import Engine
 
     out = {}
     for method in ("none", "int8", "nf4"):
@@ -373,7 +372,7 @@ def quantization_quality(model_dir: str, held_out: list[str]) -> dict:
 
 def memory_footprints(model_dir: str) -> dict[str, int | str]:
     """Bytes of weights and buffers of each load (fp32, int8, nf4) of a model."""
-    from serving.engine import Engine
+    from raylm.serving.engine import Engine
 
     out: dict[str, int | str] = {}
     for method in ("none", "int8", "nf4"):

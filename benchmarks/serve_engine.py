@@ -72,7 +72,7 @@ def step_cost_by_position(
     """Per-step time at output positions around `near` and around `far`: per rep, one batch is decoded to
     `far` - pairs/2 and a second to `near` - pairs/2, then the two are stepped alternately `pairs` times
     each. Ratios are far/near per adjacent pair of steps."""
-    from serving.engine import SamplingParams
+    from raylm.serving.engine import SamplingParams
 
     params = [SamplingParams(far + pairs + 8, 0.0)] * len(prompts)
     tags = list(range(len(prompts)))
@@ -123,7 +123,7 @@ def step_cost_by_position(
 def detokenize_cost(engine, rows: list[list[int]], positions: tuple[int, ...], reps: int = 20) -> dict:
     """Milliseconds to turn one new token per row into text at each output position: TextStream (now)
     against decoding each row's whole sequence (what the engine did before)."""
-    from serving.detokenizer import TextStream
+    from raylm.serving.detokenizer import TextStream
 
     out: dict[str, dict[str, float]] = {"incremental": {}, "full_decode": {}}
     for n in positions:
@@ -153,7 +153,7 @@ def detokenize_cost(engine, rows: list[list[int]], positions: tuple[int, ...], r
 
 def prefill_and_cache_ab(engine, prompts: list[list[int]], steps: int, reps: int) -> dict:
     """Parts 1 and 2: packed against left-padded prefill, ReservedLayer against DynamicLayer decoding."""
-    from serving.engine import SamplingParams
+    from raylm.serving.engine import SamplingParams
 
     rows = len(prompts)
     params = [SamplingParams(steps + 1, 0.0)] * rows
@@ -221,8 +221,7 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-
-    from serving.engine import Engine
+    from raylm.serving.engine import Engine
 
     torch.set_num_threads(os.cpu_count() or 2)
     work = Path(tempfile.mkdtemp(prefix="raylm-bench-engine-"))

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.artifacts import TrainDir  # noqa: E402
+from raylm.core.artifacts import TrainDir  # noqa: E402
 
 
 def make_curated(out: Path, seq_len: int, rows: int, vocab: int = 2048) -> str:
@@ -40,10 +40,10 @@ def make_curated(out: Path, seq_len: int, rows: int, vocab: int = 2048) -> str:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from raylm.core import lineage, storage
+    from raylm.core.artifacts import CURATED, CuratedDir
+    from raylm.pipelines.tokenize import train_tokenizer
 
-    from core import lineage, storage
-    from core.artifacts import CURATED, CuratedDir
-    from pipelines.tokenize import train_tokenizer
     from tests.synthetic import sample_text
 
     rng = random.Random(0)
@@ -74,8 +74,8 @@ def make_curated(out: Path, seq_len: int, rows: int, vocab: int = 2048) -> str:
 
 
 def train_cfg(data_dir: str, out: Path, **over):
-    from core.config import deep_merge
-    from training.config import TrainConfig
+    from raylm.core.config import deep_merge
+    from raylm.training.config import TrainConfig
 
     base = {
         "data_dir": data_dir,
@@ -129,7 +129,7 @@ def summarize(hist: list[dict], t_launch: float) -> dict:
 
 
 def run_torchrun(data_dir: str, out: Path, seq_len: int, nproc: int = 2, **over) -> dict:
-    from training.run import loop_config
+    from raylm.training.run import loop_config
 
     t = train_cfg(data_dir, out, num_workers=nproc, **over)
     config = loop_config(
@@ -149,7 +149,7 @@ def run_torchrun(data_dir: str, out: Path, seq_len: int, nproc: int = 2, **over)
             f"--nproc-per-node={nproc}",
             "--master-port=29611",
             "-m",
-            "training.loop",
+            "raylm.training.loop",
             str(out / "config.json"),
         ],
         cwd=ROOT,
@@ -162,7 +162,7 @@ def run_torchrun(data_dir: str, out: Path, seq_len: int, nproc: int = 2, **over)
 
 
 def run_ray(data_dir: str, out: Path, seq_len: int, kill_after: str | None = None) -> dict:
-    from training.run import build_trainer, loop_config, read_datasets, storage_path
+    from raylm.training.run import build_trainer, loop_config, read_datasets, storage_path
 
     t = train_cfg(data_dir, out)
     config = loop_config(t, 0, {"seq_len": seq_len}, None)
@@ -225,7 +225,7 @@ def cpu_benchmarks(work: Path) -> dict:
             "global_batch": 16,
             "model": "Llama 4 layers, hidden 256",
             "steps": 30,
-            "ray_report_every": 10,
+            "ray_report_every": 1,  # training/loop.py reports every step (a Tune scheduler sees each)
         },
     }
 

@@ -50,18 +50,17 @@ def write_corpora(docs: int, folder: Path) -> dict[str, Path]:
 def _count_later_claims(t):
     import pyarrow as pa
     import pyarrow.compute as pc
-
-    from pipelines.filters import reason_kind
-    from pipelines.readers import DUPLICATE_ID
+    from raylm.pipelines.filters import reason_kind
+    from raylm.pipelines.readers import DUPLICATE_ID
 
     later = pc.equal(reason_kind(t.column("reject")), DUPLICATE_ID)
     return pa.table({"n": [pc.sum(pc.fill_null(later, False).cast("int64")).as_py() or 0]})
 
 
 def time_variant(data, folder: Path, parts: int, broadcast_limit: int) -> dict:
-    from pipelines import readers, unique_ids
-    from pipelines.config import SourceConfig
-    from pipelines.run import _clean
+    from raylm.pipelines import readers, unique_ids
+    from raylm.pipelines.config import SourceConfig
+    from raylm.pipelines.run import _clean
 
     files = readers.find_inputs([SourceConfig(path=str(folder / "docs-*.jsonl.gz"))]).files
     start = time.perf_counter()
@@ -85,8 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     import ray
-
-    from pipelines.config import DataConfig
+    from raylm.pipelines.config import DataConfig
 
     folders = write_corpora(args.docs, ROOT / ".bench" / f"unique-ids-corpus-{args.docs}")
     data = DataConfig(sources=[{"path": "unused"}])

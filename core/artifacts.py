@@ -18,9 +18,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from core import lineage, storage
-from core.errors import InputError
-from core.storage import join
+from raylm.core import lineage, storage
+from raylm.core.errors import InputError
+from raylm.core.storage import join
 
 # The `kind` of each stage's output (in its manifest and its core/outputs.py marker).
 CURATED, TRAIN, SERVE, RUN = "curated", "train", "serve", "run"

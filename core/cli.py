@@ -15,9 +15,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from core.config import PlatformConfig, dump_config, load_config, shown
-from core.errors import ConfigError, RaylmError
-from core.stages import BY_NAME, STAGES
+from raylm.core.config import PlatformConfig, dump_config, load_config, shown
+from raylm.core.errors import ConfigError, RaylmError
+from raylm.core.stages import BY_NAME, STAGES
 
 MAX_MESSAGE_LINES = 10  # an error is read at once; validation errors are already capped at five
 
@@ -54,7 +54,7 @@ def preflight(cfg: PlatformConfig, stages: list[str]) -> None:
 
 
 def run_stages(cfg: PlatformConfig, stages: list[str]) -> None:
-    from core.session import ray_session
+    from raylm.core.session import ray_session
 
     for name in stages:
         if getattr(cfg, BY_NAME[name].section) is None:

@@ -14,10 +14,9 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
-
-from core.errors import ConfigError
-from core.schema import Bool, Int, PathOrUri, Section, Seed, absolute
-from core.stages import BY_NAME, STAGES, link
+from raylm.core.errors import ConfigError
+from raylm.core.schema import Bool, Int, PathOrUri, Section, Seed, absolute
+from raylm.core.stages import BY_NAME, STAGES, link
 
 StageName = Literal[tuple(stage.name for stage in STAGES)]  # type: ignore[valid-type]
 MAX_LOCAL_CPUS = 10_000  # a local Ray runs on one machine; more CPUs than this is a typo

@@ -12,7 +12,7 @@ import platform
 import time
 from typing import Any
 
-from core import __version__, storage
+from raylm.core import __version__, storage
 
 
 def fingerprint(files: list[tuple[str, int, float | None]]) -> str:

@@ -26,9 +26,8 @@ import uuid
 from collections.abc import Iterator
 
 import pyarrow.fs as pafs
-
-from core import storage
-from core.errors import ConfigError
+from raylm.core import storage
+from raylm.core.errors import ConfigError
 
 MARKER = ".raylm-output.json"
 SHOWN_ENTRIES = 3  # how many foreign entries an error message names

@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Iterator
 
-from core.config import RayConfig
+from raylm.core.config import RayConfig
 
 log = logging.getLogger("raylm")
 

@@ -17,11 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from core.artifacts import RunDir, TrainDir
-from core.schema import Section
-from pipelines.config import DataConfig
-from serving.config import ServeConfig
-from training.config import TrainConfig
+from raylm.core.artifacts import RunDir, TrainDir
+from raylm.core.schema import Section
+from raylm.pipelines.config import DataConfig
+from raylm.serving.config import ServeConfig
+from raylm.training.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ STAGES: tuple[Stage, ...] = (
         name="curate",
         section="data",
         config=DataConfig,
-        run="pipelines.run:run",
-        preflight="pipelines.run:preflight",
+        run="raylm.pipelines.run:run",
+        preflight="raylm.pipelines.run:preflight",
         help="curate the corpus into token shards (pipelines/)",
         output_field="output",
         default_output=lambda run: run.curated.root,
@@ -73,8 +73,8 @@ STAGES: tuple[Stage, ...] = (
         name="train",
         section="train",
         config=TrainConfig,
-        run="training.run:run",
-        preflight="training.run:preflight",
+        run="raylm.training.run:run",
+        preflight="raylm.training.run:preflight",
         help="train a model on the curated shards (training/)",
         output_field="output",
         default_output=lambda run: run.train.root,
@@ -85,8 +85,8 @@ STAGES: tuple[Stage, ...] = (
         name="serve",
         section="serve",
         config=ServeConfig,
-        run="serving.run:run",
-        preflight="serving.run:preflight",
+        run="raylm.serving.run:run",
+        preflight="raylm.serving.run:preflight",
         help="serve the trained model behind an OpenAI-compatible API (serving/)",
         input_field="model",
         upstream="train",

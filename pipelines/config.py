@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-
-from core.schema import Bool, Float, Fraction, Int, PathOrUri, Section, Seed
+from raylm.core.schema import Bool, Float, Fraction, Int, PathOrUri, Section, Seed
 
 BUILTIN_SOURCES = ("builtin:python-docs",)
 # Word n-grams longer than this never repeat in real text, and each costs n list slices per document.

@@ -14,8 +14,7 @@ from functools import cached_property
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from pipelines.config import FilterConfig
+from raylm.pipelines.config import FilterConfig
 
 # Gopher's stop-word rule (Rae et al. 2021) uses these; a real English document has at least two.
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})

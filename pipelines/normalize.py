@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from pipelines.config import NormalizeConfig, PIIConfig
+from raylm.pipelines.config import NormalizeConfig, PIIConfig
 
 # Control characters other than \t and \n (and the C1 range), plus zero-width and BOM characters.
 CONTROL = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\x{200b}-\x{200d}\x{feff}]"

@@ -23,10 +23,9 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-
-from core import storage
-from core.errors import InputError
-from pipelines.config import SourceConfig
+from raylm.core import storage
+from raylm.core.errors import InputError
+from raylm.pipelines.config import SourceConfig
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
 ROWS_PER_BATCH = 2048

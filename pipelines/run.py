@@ -17,23 +17,22 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from core import metrics, outputs, storage
-from core.artifacts import CLUSTERS_FILE, CURATED, CuratedDir
-from core.config import PlatformConfig, dump_config
-from core.errors import InputError
-from core.lineage import fingerprint, read_manifest, write_manifest
-from pipelines import readers
-from pipelines.config import DataConfig
-from pipelines.dedup.exact import exact_duplicates
-from pipelines.filters import FILTER_REASONS, QualityFilter, reason_kind
-from pipelines.normalize import NORMALIZE_REASONS, Normalize, ScrubPII
-from pipelines.pack import SPLITS, add_bucket, eval_split, num_buckets, pack_group
-from pipelines.readers import READ_REASONS
-from pipelines.summary import StageRow, render_summary
-from pipelines.tokenize import Tokenize, check_tokenizer_dir, load_tokenizer, train_tokenizer
-from pipelines.unique_ids import set_aside_later_claims
-from pipelines.write import write_shards, write_table
+from raylm.core import metrics, outputs, storage
+from raylm.core.artifacts import CLUSTERS_FILE, CURATED, CuratedDir
+from raylm.core.config import PlatformConfig, dump_config
+from raylm.core.errors import InputError
+from raylm.core.lineage import fingerprint, read_manifest, write_manifest
+from raylm.pipelines import readers
+from raylm.pipelines.config import DataConfig
+from raylm.pipelines.dedup.exact import exact_duplicates
+from raylm.pipelines.filters import FILTER_REASONS, QualityFilter, reason_kind
+from raylm.pipelines.normalize import NORMALIZE_REASONS, Normalize, ScrubPII
+from raylm.pipelines.pack import SPLITS, add_bucket, eval_split, num_buckets, pack_group
+from raylm.pipelines.readers import READ_REASONS
+from raylm.pipelines.summary import StageRow, render_summary
+from raylm.pipelines.tokenize import Tokenize, check_tokenizer_dir, load_tokenizer, train_tokenizer
+from raylm.pipelines.unique_ids import set_aside_later_claims
+from raylm.pipelines.write import write_shards, write_table
 
 log = logging.getLogger("raylm")
 
@@ -99,7 +98,7 @@ def _clean(data: DataConfig, files: list[readers.InputFile]):
 
 def _near_clusters(survivors, data: DataConfig):
     if data.near_dedup.enabled:
-        from pipelines.dedup.near import near_duplicate_clusters
+        from raylm.pipelines.dedup.near import near_duplicate_clusters
 
         return near_duplicate_clusters(survivors.select_columns(["id", "text"]), data.near_dedup)
     return survivors.map_batches(

@@ -58,8 +58,8 @@ def check_tokenizer_dir(path: str, key: str) -> None:
     downloaded first (to a temporary folder, removed afterwards), as the curate stage does."""
     import shutil
 
-    from core import storage
-    from core.errors import ConfigError
+    from raylm.core import storage
+    from raylm.core.errors import ConfigError
 
     def refuse(why: str) -> ConfigError:
         return ConfigError(f"{key}: {path!r} {why}")
@@ -109,7 +109,7 @@ class Tokenize:
     """Ray Data stage: text -> token ids (list<int32>) with the eos separator appended to each document."""
 
     def __init__(self, tokenizer_dir: str, text_col: str = "text"):
-        from core.storage import local_dir
+        from raylm.core.storage import local_dir
 
         self.tok = load_tokenizer(local_dir(tokenizer_dir))
         self.eos = self.tok.eos_token_id

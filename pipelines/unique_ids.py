@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from pipelines.filters import reason_kind
-from pipelines.readers import DUPLICATE_ID, READ_REASONS, SCHEMA
+from raylm.pipelines.filters import reason_kind
+from raylm.pipelines.readers import DUPLICATE_ID, READ_REASONS, SCHEMA
 
 BROADCAST_LIMIT = 100_000
 LATER = pa.schema([("source", pa.string()), ("pos", pa.int64()), ("first", pa.string())])

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import pyarrow.parquet as pq
-
-from core import storage
-from core.artifacts import CuratedDir
+from raylm.core import storage
+from raylm.core.artifacts import CuratedDir
 
 
 def _move_written(tmp_dir: str, final_names: list[str], folder: str) -> list[str]:

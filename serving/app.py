@@ -25,12 +25,11 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
+from raylm.serving import api, sse
+from raylm.serving.config import BatchingConfig, ServeConfig
+from raylm.serving.engine import DEFAULT_CHAT_STOP, Delta, Engine, SamplingParams, check_adapter_dir
+from raylm.serving.scheduler import AsyncEngine, GenerationRequest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from serving import api, sse
-from serving.config import BatchingConfig, ServeConfig
-from serving.engine import DEFAULT_CHAT_STOP, Delta, Engine, SamplingParams, check_adapter_dir
-from serving.scheduler import AsyncEngine, GenerationRequest
 
 log = logging.getLogger("raylm")
 DEPLOYMENT_NAME = "LLMServer"

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-from core.artifacts import ExportDir
-from core.errors import InputError
-from serving import kv_cache
-from serving.detokenizer import TextStream
+from raylm.core.artifacts import ExportDir
+from raylm.core.errors import InputError
+from raylm.serving import kv_cache
+from raylm.serving.detokenizer import TextStream
 
 log = logging.getLogger("raylm")
 

@@ -13,13 +13,12 @@ import time
 from typing import Any
 
 import yaml
-
-from core import outputs, storage
-from core.artifacts import SERVE, RunDir
-from core.config import PlatformConfig
-from core.errors import ConfigError
-from serving.config import ServeConfig
-from serving.engine import check_model_dir
+from raylm.core import outputs, storage
+from raylm.core.artifacts import SERVE, RunDir
+from raylm.core.config import PlatformConfig
+from raylm.core.errors import ConfigError
+from raylm.serving.config import ServeConfig
+from raylm.serving.engine import check_model_dir
 
 log = logging.getLogger("raylm")
 
@@ -39,7 +38,7 @@ def served_model_id(cfg: PlatformConfig) -> str:
 
 def api_key_hashes(env_name: str | None) -> list[str]:
     """SHA-256 digests of the keys in $env_name: replicas and config files only ever see digests."""
-    from serving.app import hash_key
+    from raylm.serving.app import hash_key
 
     if env_name is None:
         return []
@@ -51,7 +50,7 @@ def api_key_hashes(env_name: str | None) -> list[str]:
 
 def serve_config(cfg: ServeConfig, model_id: str, api_key_sha256: list[str]) -> dict[str, Any]:
     """A Ray Serve config file (for `serve deploy`) describing the same application as `raylm serve`."""
-    from serving.app import DEPLOYMENT_NAME, deployment_options, init_config
+    from raylm.serving.app import DEPLOYMENT_NAME, deployment_options, init_config
 
     options = deployment_options(cfg)
     deployment: dict[str, Any] = {"name": DEPLOYMENT_NAME, **options}
@@ -62,7 +61,7 @@ def serve_config(cfg: ServeConfig, model_id: str, api_key_sha256: list[str]) -> 
             {
                 "name": cfg.app_name,
                 "route_prefix": cfg.http.route_prefix,
-                "import_path": "serving.app:build_from_args",
+                "import_path": "raylm.serving.app:build_from_args",
                 "args": {"serve": init_config(cfg), "model_id": model_id, "api_key_sha256": api_key_sha256},
                 # Listed again so operators can edit them here; user_config changes apply without a restart.
                 "deployments": [deployment],
@@ -83,8 +82,7 @@ def base_url(cfg: ServeConfig) -> str:
 def start(cfg: ServeConfig, model_id: str, api_key_sha256: list[str] | None = None) -> str:
     """Deploy on the running Ray (non-blocking) and return the OpenAI base URL."""
     from ray import serve
-
-    from serving.app import build_app
+    from raylm.serving.app import build_app
 
     check_model_dir(cfg.model)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})

@@ -29,8 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from core import metrics
-from serving.engine import DecodeBatch, Delta, Engine, SamplingParams
+from raylm.core import metrics
+from raylm.serving.engine import DecodeBatch, Delta, Engine, SamplingParams
 
 log = logging.getLogger("raylm")
 _DONE = object()  # put in a request's inbox after its last delta

@@ -10,10 +10,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from raylm.serving import api
+from raylm.serving.engine import Delta
 from sse_starlette.sse import EventSourceResponse
-
-from serving import api
-from serving.engine import Delta
 
 log = logging.getLogger("raylm")
 

@@ -38,7 +38,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory):
     """A byte-level BPE tokenizer trained on generated text, saved in HF format."""
-    from pipelines.tokenize import train_tokenizer
+    from raylm.pipelines.tokenize import train_tokenizer
 
     rng = random.Random(0)
     texts = [sample_text(rng, 60) for _ in range(400)]

@@ -6,10 +6,9 @@ import re
 from pathlib import Path
 
 import pytest
-
-from core import metrics
-from pipelines import filters, normalize, readers
-from pipelines.run import drops_by_stage
+from raylm.core import metrics
+from raylm.pipelines import filters, normalize, readers
+from raylm.pipelines.run import drops_by_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ["core", "pipelines", "training", "serving", "tuning", "cluster"]

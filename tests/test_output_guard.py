@@ -1,9 +1,8 @@
 """Every stage refuses, before Ray starts, an output that would overwrite what raylm did not write."""
 
 import pytest
-
-from core.cli import main
-from core.outputs import claim
+from raylm.core.cli import main
+from raylm.core.outputs import claim
 
 
 def recipe(tmp_path, stage: str) -> str:

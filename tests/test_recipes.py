@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from core.config import load_config
+from raylm.core.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

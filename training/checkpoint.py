@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from core.errors import ConfigError
+from raylm.core.errors import ConfigError
 
 STATE = "trainer_state.json"
 DS_TAG = "ds"
@@ -215,7 +214,7 @@ def read_state(folder: str) -> dict[str, Any]:
 
 def remote_resume_exists(uri: str) -> None:
     """Pre-flight for a resume_from on an object store: the folder and its trainer_state.json exist."""
-    from core import storage
+    from raylm.core import storage
 
     if not storage.exists(f"{uri.rstrip('/')}/{STATE}"):
         raise CheckpointReadError(f"checkpoint {uri} does not exist or has no {STATE}")

@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
-
-from core.schema import Bool, Float, Int, PathOrUri, Section, Seed, reject_bool
+from raylm.core.schema import Bool, Float, Int, PathOrUri, Section, Seed, reject_bool
 
 Beta = Annotated[Float, Field(ge=0, lt=1)]
 # Literal[1] would take `true` (True == 1), so the stage number refuses booleans like every number does.

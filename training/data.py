@@ -16,9 +16,8 @@ import hashlib
 
 import numpy as np
 import pyarrow.parquet as pq
-
-from core import storage
-from core.artifacts import CuratedDir
+from raylm.core import storage
+from raylm.core.artifacts import CuratedDir
 
 
 def shard_files(data_dir: str, split: str) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from training.config import TrainConfig
+from raylm.training.config import TrainConfig
 
 
 def ds_config(

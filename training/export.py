@@ -9,10 +9,9 @@ import tempfile
 from typing import Any
 
 import torch
-
-from core import lineage, outputs, storage
-from core.artifacts import EXPORT_ADAPTER, EXPORT_MODEL, CuratedDir, TrainDir
-from training.config import TrainConfig
+from raylm.core import lineage, outputs, storage
+from raylm.core.artifacts import EXPORT_ADAPTER, EXPORT_MODEL, CuratedDir, TrainDir
+from raylm.training.config import TrainConfig
 
 
 def gathered_state_dict(module, rank: int) -> dict[str, torch.Tensor]:

@@ -26,17 +26,16 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from core import metrics
-from core.artifacts import CuratedDir
-from training import checkpoint as ckpt
-from training import progress
-from training.config import TrainConfig
-from training.data import GlobalSampler
-from training.deepspeed import ds_config
-from training.mfu import Mfu, mfu_meter
-from training.model import build_model, cosine_lr_lambda, count_params, param_groups
-from training.runtime import InProcess, RayTrain, Runtime, ray_train_report
+from raylm.core import metrics
+from raylm.core.artifacts import CuratedDir
+from raylm.training import checkpoint as ckpt
+from raylm.training import progress
+from raylm.training.config import TrainConfig
+from raylm.training.data import GlobalSampler
+from raylm.training.deepspeed import ds_config
+from raylm.training.mfu import Mfu, mfu_meter
+from raylm.training.model import build_model, cosine_lr_lambda, count_params, param_groups
+from raylm.training.runtime import InProcess, RayTrain, Runtime, ray_train_report
 
 Report = Callable[[dict[str, Any], str | None], None]
 
@@ -356,17 +355,17 @@ def evaluate(run: TrainingRun) -> dict[str, float]:
 def finish(run: TrainingRun) -> None:
     """Export (a collective under ZeRO-3), then metrics.jsonl and the loss curve from rank 0."""
     if run.cfg.export:
-        from training.export import export_model
+        from raylm.training.export import export_model
 
         export_model(run.engine, run.tokenizer, run.cfg, run.config, run.rt.rank)
     if run.rt.rank == 0:
-        from training.plots import write_history
+        from raylm.training.plots import write_history
 
         write_history(run.history, run.cfg.output)
     run.rt.barrier()
 
 
 if __name__ == "__main__":  # `torchrun ... -m training.loop CONFIG.json`, as before training/torchrun.py
-    from training.torchrun import main
+    from raylm.training.torchrun import main
 
     sys.exit(main())

@@ -12,9 +12,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-
-from training.config import TrainConfig
-from training.model import flops_per_token
+from raylm.training.config import TrainConfig
+from raylm.training.model import flops_per_token
 
 H100_BF16_DENSE_FLOPS = 989e12
 

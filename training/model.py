@@ -8,8 +8,7 @@ import math
 from typing import Any
 
 import torch
-
-from training.config import LoraConfig, ModelConfig
+from raylm.training.config import LoraConfig, ModelConfig
 
 
 def scratch_config(cfg: ModelConfig, tokenizer: Any, seq_len: int):

@@ -7,8 +7,8 @@ import os
 import tempfile
 from typing import Any
 
-from core import storage
-from core.artifacts import TrainDir
+from raylm.core import storage
+from raylm.core.artifacts import TrainDir
 
 
 def write_history(history: list[dict[str, Any]], output: str) -> None:

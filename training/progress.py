@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from core import metrics
+from raylm.core import metrics
 
 EVAL_KEYS = ("eval_loss", "eval_perplexity")
 

@@ -12,13 +12,13 @@ import signal
 import threading
 from typing import Any
 
-from core import lineage, outputs, storage
-from core.artifacts import TRAIN, CuratedDir, TrainDir
-from core.config import PlatformConfig, dump_config
-from core.errors import InputError, RaylmError
-from training import checkpoint as ckpt
-from training.config import TrainConfig
-from training.data import shard_files
+from raylm.core import lineage, outputs, storage
+from raylm.core.artifacts import TRAIN, CuratedDir, TrainDir
+from raylm.core.config import PlatformConfig, dump_config
+from raylm.core.errors import InputError, RaylmError
+from raylm.training import checkpoint as ckpt
+from raylm.training.config import TrainConfig
+from raylm.training.data import shard_files
 
 log = logging.getLogger("raylm")
 
@@ -86,8 +86,7 @@ def build_trainer(t: TrainConfig, config: dict[str, Any], datasets: dict[str, An
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from training.loop import train_loop_per_worker
+    from raylm.training.loop import train_loop_per_worker
 
     return TorchTrainer(
         train_loop_per_worker,

@@ -29,9 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from training import checkpoint as ckpt
-from training.data import shard_files, tokens_from_files, tokens_from_ray
+from raylm.training import checkpoint as ckpt
+from raylm.training.data import shard_files, tokens_from_files, tokens_from_ray
 
 
 class StopRequest:

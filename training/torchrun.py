@@ -15,11 +15,11 @@ import os
 import sys
 from typing import Any
 
-from core import metrics
-from training import checkpoint as ckpt
-from training.config import TrainConfig
-from training.loop import Preempted, Report, train
-from training.runtime import Torchrun
+from raylm.core import metrics
+from raylm.training import checkpoint as ckpt
+from raylm.training.config import TrainConfig
+from raylm.training.loop import Preempted, Report, train
+from raylm.training.runtime import Torchrun
 
 EXIT_PREEMPTED = 143
 

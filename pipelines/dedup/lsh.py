@@ -7,8 +7,7 @@ candidate; with Jaccard s that happens with probability 1 - (1 - s^rows)^bands (
 from __future__ import annotations
 
 import numpy as np
-
-from pipelines.dedup.minhash import mix64
+from raylm.pipelines.dedup.minhash import mix64
 
 
 def _integrate(f, lo: float, hi: float, steps: int = 1000) -> float:

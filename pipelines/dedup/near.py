@@ -27,12 +27,11 @@ import numpy as np
 import pyarrow as pa
 import ray
 import xxhash
-
-from pipelines.config import NearDedupConfig
-from pipelines.dedup.components import concat_pairs, connected_components, partition_of, split_pairs
-from pipelines.dedup.lsh import band_keys, optimal_bands_rows, shared_buckets, star_edges
-from pipelines.dedup.minhash import permutations, shingle_hashes, signatures, unique_per_text
-from pipelines.dedup.verify import merge_packs, pack_from_offsets, take_sets, verified_star_edges
+from raylm.pipelines.config import NearDedupConfig
+from raylm.pipelines.dedup.components import concat_pairs, connected_components, partition_of, split_pairs
+from raylm.pipelines.dedup.lsh import band_keys, optimal_bands_rows, shared_buckets, star_edges
+from raylm.pipelines.dedup.minhash import permutations, shingle_hashes, signatures, unique_per_text
+from raylm.pipelines.dedup.verify import merge_packs, pack_from_offsets, take_sets, verified_star_edges
 
 OUTPUT_SCHEMA = pa.schema([("id", pa.string()), ("cluster_id", pa.string()), ("kept", pa.bool_())])
 

@@ -8,7 +8,7 @@ import pytest
 
 def raylm(*args):
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "raylm.core.cli", *args], capture_output=True, text=True, timeout=120
     )
 
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from core.cli import MAX_MESSAGE_LINES, main
-from core.errors import ConfigError
+from raylm.core.cli import MAX_MESSAGE_LINES, main
+from raylm.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD = {
@@ -125,7 +124,7 @@ def test_any_long_error_is_cut_to_a_few_lines(capsys, monkeypatch):
     def noisy(*_args, **_kwargs):
         raise ConfigError("\n".join(f"line {i} " + "y" * 1000 for i in range(100)))
 
-    monkeypatch.setattr("core.cli.load_config", noisy)
+    monkeypatch.setattr("raylm.core.cli.load_config", noisy)
     err = run_main(capsys, ["check", "whatever"])
     assert "more lines" in err and max(len(line) for line in err.splitlines()) < 400
 
@@ -140,7 +139,7 @@ def _process(*args: str, **kwargs) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("name", ["latin1", "alias-bomb", "directory"])
 def test_console_script_exits_2_without_traceback(recipes, name):
     raylm = Path(sys.executable).with_name("raylm")
-    command = [str(raylm)] if raylm.exists() else [sys.executable, "-m", "core.cli"]
+    command = [str(raylm)] if raylm.exists() else [sys.executable, "-m", "raylm.core.cli"]
     proc = _process(*command, "check", recipes[name])
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("raylm: error: ") and "Traceback" not in proc.stderr

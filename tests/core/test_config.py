@@ -1,7 +1,6 @@
 import pytest
-
-from core.config import build_config, load_config, parse_overrides
-from core.errors import ConfigError
+from raylm.core.config import build_config, load_config, parse_overrides
+from raylm.core.errors import ConfigError
 
 MINIMAL = {"name": "t", "data": {"sources": [{"path": "corpus/"}]}}
 

@@ -11,8 +11,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import pytest
 import yaml
-
-from core.config import (
+from raylm.core.config import (
     MAX_RECIPE_BYTES,
     PlatformConfig,
     build_config,
@@ -20,8 +19,8 @@ from core.config import (
     load_config,
     parse_overrides,
 )
-from core.errors import ConfigError
-from core.schema import Section
+from raylm.core.errors import ConfigError
+from raylm.core.schema import Section
 
 # A recipe that sets every optional section, so every field of the tree is reachable by an override.
 FULL: dict[str, Any] = {
@@ -291,7 +290,7 @@ def test_dumped_config_loads_again():
     """Manifests and Ray workers rebuild sections from dump_config's JSON (n-gram keys become strings)."""
     import json
 
-    from core.config import dump_config
+    from raylm.core.config import dump_config
 
     cfg = build_config(FULL)
     again = build_config(json.loads(json.dumps(dump_config(cfg))))
@@ -537,7 +536,7 @@ BAD_TOKENIZERS = {
 
 @pytest.mark.parametrize("make, fragment", BAD_TOKENIZERS.values(), ids=BAD_TOKENIZERS.keys())
 def test_bad_tokenizer_dir_is_refused_naming_the_key(tmp_path, make, fragment):
-    from pipelines.tokenize import check_tokenizer_dir
+    from raylm.pipelines.tokenize import check_tokenizer_dir
 
     path = make(tmp_path)
     with pytest.raises(ConfigError) as err:
@@ -548,7 +547,7 @@ def test_bad_tokenizer_dir_is_refused_naming_the_key(tmp_path, make, fragment):
 
 
 def test_tokenizer_path_that_is_a_file(tmp_path):
-    from pipelines.tokenize import check_tokenizer_dir
+    from raylm.pipelines.tokenize import check_tokenizer_dir
 
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"data\.tokenizer\.path: .* is not a folder"):
@@ -556,9 +555,8 @@ def test_tokenizer_path_that_is_a_file(tmp_path):
 
 
 def test_tokenizer_without_eos_is_refused(tmp_path, tiny_tokenizer_dir):
+    from raylm.pipelines.tokenize import check_tokenizer_dir
     from transformers import AutoTokenizer
-
-    from pipelines.tokenize import check_tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     tok.eos_token = None
@@ -568,7 +566,7 @@ def test_tokenizer_without_eos_is_refused(tmp_path, tiny_tokenizer_dir):
 
 
 def test_good_tokenizer_dir_passes(tiny_tokenizer_dir):
-    from pipelines.tokenize import check_tokenizer_dir
+    from raylm.pipelines.tokenize import check_tokenizer_dir
 
     check_tokenizer_dir(tiny_tokenizer_dir, "data.tokenizer.path")
     cfg = build_config(deep_merge(FULL, {"data": {"tokenizer": {"path": f"file://{tiny_tokenizer_dir}"}}}))

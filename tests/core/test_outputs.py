@@ -4,10 +4,9 @@ import json
 import os
 
 import pytest
-
-from core import outputs, storage
-from core.errors import ConfigError
-from core.lineage import write_manifest
+from raylm.core import outputs, storage
+from raylm.core.errors import ConfigError
+from raylm.core.lineage import write_manifest
 
 
 def user_folder(path, files=("a.jsonl", "notes.txt")):

@@ -1,8 +1,7 @@
 import os
 
 import pytest
-
-from core import outputs, storage
+from raylm.core import outputs, storage
 
 
 def test_staged_output_appears_only_on_success(tmp_path):

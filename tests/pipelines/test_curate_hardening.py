@@ -11,15 +11,15 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from raylm.core import outputs, storage
+from raylm.core.artifacts import CuratedDir
+from raylm.core.cli import main
+from raylm.core.config import build_config
+from raylm.core.errors import InputError
+from raylm.core.lineage import read_manifest
+from raylm.pipelines import readers, unique_ids
+from raylm.pipelines.run import run
 
-from core import outputs, storage
-from core.artifacts import CuratedDir
-from core.cli import main
-from core.config import build_config
-from core.errors import InputError
-from core.lineage import read_manifest
-from pipelines import readers, unique_ids
-from pipelines.run import run
 from tests.synthetic import sample_text
 
 pytestmark = pytest.mark.slow

@@ -1,8 +1,7 @@
 import pyarrow as pa
 import pytest
-
-from pipelines.config import FilterConfig
-from pipelines.filters import (
+from raylm.pipelines.config import FilterConfig
+from raylm.pipelines.filters import (
     AlphaWords,
     BulletLines,
     DigitFraction,

@@ -7,15 +7,14 @@ import itertools
 import numpy as np
 import pytest
 from datasketch.lsh import _optimal_param
-
-from pipelines.dedup.lsh import (
+from raylm.pipelines.dedup.lsh import (
     band_keys,
     candidate_probability,
     optimal_bands_rows,
     shared_buckets,
     star_edges,
 )
-from pipelines.dedup.minhash import permutations, signatures
+from raylm.pipelines.dedup.minhash import permutations, signatures
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from pipelines.dedup.minhash import (
+from raylm.pipelines.dedup.minhash import (
     jaccard,
     permutations,
     shingle_hashes,
@@ -15,6 +14,7 @@ from pipelines.dedup.minhash import (
     split_words,
     unique_per_text,
 )
+
 from tests.synthetic import generate_corpus
 
 

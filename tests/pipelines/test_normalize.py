@@ -1,7 +1,6 @@
 import pyarrow as pa
-
-from pipelines.config import NormalizeConfig, PIIConfig
-from pipelines.normalize import Normalize, ScrubPII
+from raylm.pipelines.config import NormalizeConfig, PIIConfig
+from raylm.pipelines.normalize import Normalize, ScrubPII
 
 
 def table(texts, rejects=None):

@@ -1,7 +1,6 @@
 import numpy as np
 import pyarrow as pa
-
-from pipelines.pack import eval_split, pack_group, pack_rows
+from raylm.pipelines.pack import eval_split, pack_group, pack_rows
 
 
 def test_pack_rows_is_exact_and_drops_only_the_tail():

@@ -4,10 +4,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from core.errors import InputError
-from pipelines.config import SourceConfig
-from pipelines.readers import BUILTIN_PYTHON_DOCS, discover, read_file
+from raylm.core.errors import InputError
+from raylm.pipelines.config import SourceConfig
+from raylm.pipelines.readers import BUILTIN_PYTHON_DOCS, discover, read_file
 
 
 def rows(tmp_path, name, content: bytes, **src):

@@ -6,10 +6,9 @@ import json
 import os
 
 import pytest
-
-from pipelines import readers
-from pipelines.config import SourceConfig
-from pipelines.readers import find_inputs, read_file, read_files
+from raylm.pipelines import readers
+from raylm.pipelines.config import SourceConfig
+from raylm.pipelines.readers import find_inputs, read_file, read_files
 
 
 def line(i, text="hello there"):

@@ -6,8 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from serving.detokenizer import TextStream
+from raylm.serving.detokenizer import TextStream
 
 MULTIBYTE = ["é", "ß", "€", "日本語", "naïve café", "😀", "👩‍💻", "Ωμέγα", "中文字符", "🙂 ok", "ü"]
 
@@ -16,7 +15,7 @@ MULTIBYTE = ["é", "ß", "€", "日本語", "naïve café", "😀", "👩‍�
 def tokenizer():
     """A byte-level BPE trained on text full of multi-byte characters: its merges cut some of them
     between tokens, and its 256 byte tokens make any byte sequence (valid UTF-8 or not)."""
-    from pipelines.tokenize import train_tokenizer
+    from raylm.pipelines.tokenize import train_tokenizer
 
     rng = random.Random(0)
     words = ["the", "river", "city", " ", ".", "\n", *MULTIBYTE]

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from serving.engine import Engine, SamplingParams, _token_budget_chunks
+from raylm.serving.engine import Engine, SamplingParams, _token_budget_chunks
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0)
 
@@ -95,7 +94,7 @@ def test_quantized_model_loads_answers_and_is_smaller(tiny_model_dir, engine, me
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    from core.errors import InputError
+    from raylm.core.errors import InputError
 
     with pytest.raises(InputError, match="does not exist"):
         Engine(str(tmp_path / "nope"))
@@ -136,7 +135,7 @@ def test_packed_and_padded_prefill_match_one_by_one(engine, packed, monkeypatch)
 
 
 def test_prefill_passes_respect_the_token_budget(engine, monkeypatch):
-    import serving.engine as engine_module
+    import raylm.serving.engine as engine_module
 
     monkeypatch.setattr(engine_module, "PREFILL_PASS_TOKENS", 4)
     prompts = ["the", "data train cluster worker token shard", "river mountain", "the city"]

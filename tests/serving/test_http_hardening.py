@@ -16,9 +16,8 @@ from urllib.parse import urlparse
 
 import pytest
 import requests
-
-from serving.config import ServeConfig
-from serving.run import start
+from raylm.serving.config import ServeConfig
+from raylm.serving.run import start
 
 pytestmark = pytest.mark.slow
 BASE = "tiny"
@@ -315,7 +314,7 @@ def test_dotted_adapter_id_streams(url):
 @pytest.mark.parametrize("stream", [False, True])
 def test_too_many_prompts_in_one_request_is_400(url, stream):
     """A small body can hold a huge number of tiny prompts: the count is bounded like the size."""
-    from serving.api import MAX_PROMPTS
+    from raylm.serving.api import MAX_PROMPTS
 
     refused(
         post(url, "/completions", completion(prompt=["a"] * (MAX_PROMPTS + 1), stream=stream)), param="prompt"
@@ -334,9 +333,8 @@ MALFORMED = {  # per class, for the robustness table (each streamed variant coun
 
 def test_min_tokens_is_a_lower_bound(tiny_model_dir):
     """engine.min_tokens refuses prompts without tokenizing them: it must never exceed the real count."""
+    from raylm.serving.engine import _max_token_chars
     from transformers import AutoTokenizer
-
-    from serving.engine import _max_token_chars
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     longest = _max_token_chars(tok)

@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
-from serving.engine import Engine, SamplingParams
-from serving.scheduler import AsyncEngine, GenerationRequest
+from raylm.serving.engine import Engine, SamplingParams
+from raylm.serving.scheduler import AsyncEngine, GenerationRequest
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0)
 PROMPTS = ["the", "data train cluster worker token shard", "river mountain", "the city", "a garden"]

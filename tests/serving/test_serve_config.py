@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
-from core.cli import main
-from core.config import build_config
-from core.errors import ConfigError
-from serving.config import ServeConfig
-from serving.run import api_key_hashes, serve_config
+from raylm.core.cli import main
+from raylm.core.config import build_config
+from raylm.core.errors import ConfigError
+from raylm.serving.config import ServeConfig
+from raylm.serving.run import api_key_hashes, serve_config
 
 
 def platform(serve: dict) -> dict:
@@ -64,7 +63,7 @@ def test_generated_serve_config_is_a_valid_serve_deploy_file():
     text = yaml.safe_dump(serve_config(cfg, "demo", ["ab" * 32]))
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
     app = schema.applications[0]
-    assert app.import_path == "serving.app:build_from_args"
+    assert app.import_path == "raylm.serving.app:build_from_args"
     dep = app.deployments[0]
     assert dep.user_config == {
         "max_batch_size": 12,

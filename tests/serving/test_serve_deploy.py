@@ -8,9 +8,8 @@ import time
 
 import pytest
 import requests
-
-from serving.config import ServeConfig
-from serving.run import serve_config
+from raylm.serving.config import ServeConfig
+from raylm.serving.run import serve_config
 
 pytestmark = pytest.mark.slow
 

@@ -35,7 +35,7 @@ def test_sigterm_stops_raylm_serve_and_deletes_only_its_application(
         "RAY_AUTH_MODE": "token",
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "core.cli", "serve", str(recipe), f"run_dir={tmp_path / 'run'}"],
+        [sys.executable, "-m", "raylm.core.cli", "serve", str(recipe), f"run_dir={tmp_path / 'run'}"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -11,10 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-
-from serving.app import hash_key
-from serving.config import ServeConfig
-from serving.run import start
+from raylm.serving.app import hash_key
+from raylm.serving.config import ServeConfig
+from raylm.serving.run import start
 
 pytestmark = pytest.mark.slow
 KEY = "test-key-123"

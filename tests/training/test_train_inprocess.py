@@ -15,13 +15,12 @@ import sys
 
 import pytest
 import torch
+from raylm.core import metrics
+from raylm.core.artifacts import TrainDir
+from raylm.training import checkpoint as ckpt
+from raylm.training.loop import Preempted, train_in_process
+from raylm.training.run import loop_config, read_curated
 from train_helpers import tiny_run
-
-from core import metrics
-from core.artifacts import TrainDir
-from training import checkpoint as ckpt
-from training.loop import Preempted, train_in_process
-from training.run import loop_config, read_curated
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +129,7 @@ def test_in_process_equals_torchrun_bitwise(in_process_run, tmp_path):
         "--nproc-per-node=1",
         f"--master-port={free_port()}",
     ]
-    subprocess.run([*cmd, "-m", "training.loop", str(path)], cwd=ROOT, env=env, check=True, timeout=300)
+    subprocess.run([*cmd, "-m", "raylm.training.loop", str(path)], cwd=ROOT, env=env, check=True, timeout=300)
     with open(TrainDir(str(out)).metrics_jsonl) as f:
         theirs = [json.loads(line) for line in f]
     assert [r["loss"] for r in theirs] == [r["loss"] for r in rows]

@@ -8,14 +8,13 @@ import os
 import numpy as np
 import pytest
 import torch
-
-from core.config import build_config
-from core.errors import ConfigError
-from training import checkpoint as ckpt
-from training.config import TrainConfig
-from training.data import GlobalSampler, shard_files, tokens_from_files
-from training.deepspeed import ds_config
-from training.run import check_resume, read_curated
+from raylm.core.config import build_config
+from raylm.core.errors import ConfigError
+from raylm.training import checkpoint as ckpt
+from raylm.training.config import TrainConfig
+from raylm.training.data import GlobalSampler, shard_files, tokens_from_files
+from raylm.training.deepspeed import ds_config
+from raylm.training.run import check_resume, read_curated
 
 SCRATCH = {"from_scratch": {}}
 
@@ -54,8 +53,7 @@ def test_bad_combinations_fail_at_load_naming_keys(train, keys):
 
 def test_cli_exits_2_before_ray(tmp_path, capsys):
     import yaml
-
-    from core.cli import main
+    from raylm.core.cli import main
 
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe(global_batch_size=3)))
@@ -125,10 +123,9 @@ def test_lora_trains_only_adapters_and_exports_an_adapter(tiny_model_dir, curate
     """LoRA on a local HF checkpoint: only adapter weights are trainable and move; the export holds only
     the adapter, and base + adapter reloaded in a fresh model give the trained logits."""
     from peft import PeftModel
+    from raylm.training.export import export_model
+    from raylm.training.model import build_model, param_groups
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from training.export import export_model
-    from training.model import build_model, param_groups
 
     cfg = TrainConfig.model_validate(
         {
@@ -196,7 +193,7 @@ def test_open_resume_checks_the_batch_and_picks_universal_loading(tmp_path):
 
 
 def test_reported_metrics_carry_the_latest_eval_and_the_run_name():
-    from training import progress
+    from raylm.training import progress
 
     history = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5, "eval_loss": 2.7, "eval_perplexity": 14.9}]
     history.append({"step": 3, "loss": 2.4, "sample_rows_sha": "ab", "first_step_wall": 1.0, "x": [1]})

@@ -9,9 +9,8 @@ import time
 from typing import Any
 
 import psutil
-
-from core.artifacts import TrainDir
-from core.config import PlatformConfig, build_config, deep_merge
+from raylm.core.artifacts import TrainDir
+from raylm.core.config import PlatformConfig, build_config, deep_merge
 
 
 def tiny_run(data_dir: str, root, **train: Any) -> PlatformConfig:

@@ -1,0 +1,94 @@
+"""The wheel installs raylm under its own namespace: `import raylm.training`, never a top-level `core` or
+`training` that would collide with another distribution's modules."""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = [
+    "raylm.core",
+    "raylm.pipelines",
+    "raylm.pipelines.dedup",
+    "raylm.training",
+    "raylm.serving",
+    "raylm.tuning",
+    "raylm.cluster",
+]
+GENERIC_NAMES = {"core", "pipelines", "training", "serving", "tuning", "cluster", "benchmarks", "tests"}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def fresh_env(tmp_path_factory):
+    """A new virtual environment holding only the built wheel; its dependencies (torch, Ray, ...) come
+    from the development environment through a path entry, so nothing is downloaded."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of the tracked files, so the checkout gets no build/ folder (whose stale files a
+    # later build would pack) and untracked files cannot leak into the wheel.
+    source = tmp / "source"
+    tracked = subprocess.check_output(["git", "ls-files", "-z"], cwd=ROOT, text=True).split("\0")
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp, source],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = tmp.glob("raylm-*.whl")
+    env_dir = tmp / "venv"
+    venv.create(env_dir, with_pip=True)  # ensurepip's bundled pip: no network
+    python = env_dir / "bin" / "python"
+    site = Path(
+        subprocess.check_output(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+    )
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], check=True, timeout=300
+    )
+    # Dependencies only: a plain path entry does not run the development environment's .pth files, so
+    # its editable raylm stays invisible here.
+    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return env_dir, site
+
+
+def test_no_generic_top_level_modules_in_site_packages(fresh_env):
+    _, site = fresh_env
+    top_level = {p.name.removesuffix(".py") for p in site.iterdir()}
+    assert "raylm" in top_level
+    assert not top_level & GENERIC_NAMES, sorted(top_level & GENERIC_NAMES)
+
+
+def test_every_package_imports_from_the_wheel(fresh_env, tmp_path):
+    env_dir, site = fresh_env
+    code = "; ".join(f"import {p}" for p in PACKAGES) + "; print(raylm.core.__file__)"
+    out = subprocess.run(
+        [env_dir / "bin" / "python", "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith(str(site)), "imported from the wheel, not the checkout"
+
+
+def test_console_script_checks_a_recipe(fresh_env):
+    env_dir, _ = fresh_env
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [env_dir / "bin" / "raylm", "check", "quickstart"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert '"name": "quickstart"' in out.stdout
