@@ -84,6 +84,7 @@ def corpus_files(args) -> tuple[list[Path], Path, float]:
 
 def run_raylm(paths: list[str], out: str, num_cpus: int) -> dict:
     import ray
+
     from raylm.pipelines.config import NearDedupConfig
     from raylm.pipelines.dedup.near import bands_and_rows, near_duplicate_clusters
 
@@ -110,9 +111,9 @@ def run_datasketch(paths: list[str], out: str) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from datasketch import MinHash, MinHashLSH
+
     from raylm.pipelines.config import NearDedupConfig
     from raylm.pipelines.dedup.minhash import shingle_sets
-
     from tests.synthetic import union_find
 
     cfg = NearDedupConfig()

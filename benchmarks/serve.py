@@ -260,6 +260,7 @@ def start_raylm(model_dir: str, cpus: int) -> dict[str, tuple[str, str]]:
     """Both raylm variants as two Serve applications (each replica gets `cpus` CPUs; only one is busy at
     a time)."""
     import ray
+
     from raylm.serving.config import ServeConfig
     from raylm.serving.run import start
 

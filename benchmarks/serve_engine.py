@@ -221,6 +221,7 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
+
     from raylm.serving.engine import Engine
 
     torch.set_num_threads(os.cpu_count() or 2)

@@ -40,10 +40,10 @@ def make_curated(out: Path, seq_len: int, rows: int, vocab: int = 2048) -> str:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from raylm.core import lineage, storage
     from raylm.core.artifacts import CURATED, CuratedDir
     from raylm.pipelines.tokenize import train_tokenizer
-
     from tests.synthetic import sample_text
 
     rng = random.Random(0)
@@ -225,7 +225,7 @@ def cpu_benchmarks(work: Path) -> dict:
             "global_batch": 16,
             "model": "Llama 4 layers, hidden 256",
             "steps": 30,
-            "ray_report_every": 1,  # training/loop.py reports every step (a Tune scheduler sees each)
+            "ray_report_every": 10,  # train.report_every: the loop reports every step, Ray Train gets every 10th
         },
     }
 

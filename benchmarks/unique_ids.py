@@ -50,6 +50,7 @@ def write_corpora(docs: int, folder: Path) -> dict[str, Path]:
 def _count_later_claims(t):
     import pyarrow as pa
     import pyarrow.compute as pc
+
     from raylm.pipelines.filters import reason_kind
     from raylm.pipelines.readers import DUPLICATE_ID
 
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     import ray
+
     from raylm.pipelines.config import DataConfig
 
     folders = write_corpora(args.docs, ROOT / ".bench" / f"unique-ids-corpus-{args.docs}")

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
+
 from raylm.core.errors import ConfigError
 from raylm.core.schema import Bool, Int, PathOrUri, Section, Seed, absolute
 from raylm.core.stages import BY_NAME, STAGES, link

@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 
 import pyarrow.fs as pafs
+
 from raylm.core import storage
 from raylm.core.errors import ConfigError
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
+
 from raylm.core.schema import Bool, Float, Fraction, Int, PathOrUri, Section, Seed
 
 BUILTIN_SOURCES = ("builtin:python-docs",)

@@ -14,6 +14,7 @@ from functools import cached_property
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from raylm.pipelines.config import FilterConfig
 
 # Gopher's stop-word rule (Rae et al. 2021) uses these; a real English document has at least two.

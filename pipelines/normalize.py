@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from raylm.pipelines.config import NormalizeConfig, PIIConfig
 
 # Control characters other than \t and \n (and the C1 range), plus zero-width and BOM characters.

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
 from raylm.core import storage
 from raylm.core.errors import InputError
 from raylm.pipelines.config import SourceConfig

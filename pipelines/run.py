@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from raylm.core import metrics, outputs, storage
 from raylm.core.artifacts import CLUSTERS_FILE, CURATED, CuratedDir
 from raylm.core.config import PlatformConfig, dump_config

@@ -10,15 +10,17 @@ Why it matters: exact dedup, near dedup and the cluster table all join on id, so
 id would match each other's rows, and a stage's count could grow along the pipeline.
 
 Cost: one shuffle of (id, source, pos) rows, a few dozen bytes per document, to count ids. When no id
-repeats (the usual case) that is all. Otherwise the rows to set aside are found among the repeated ids
-only, and marked by a lookup table sent to every task (up to BROADCAST_LIMIT rows) or, beyond that, by a
-hash join with the corpus.
+repeats (the usual case) that is all. Otherwise the claims of the repeated ids are picked out by a
+lookup in each task and ordered in one process when they are few (up to BROADCAST_LIMIT repeated ids),
+and the later claims are marked by a lookup table sent to every task. Beyond that, both steps are
+distributed: a join and a group-by on id, then a hash join with the corpus.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from raylm.pipelines.filters import reason_kind
 from raylm.pipelines.readers import DUPLICATE_ID, READ_REASONS, SCHEMA
 
@@ -48,9 +50,31 @@ def _later_claims(group: pa.Table) -> pa.Table:
     )
 
 
+def _with_ids(t: pa.Table, ids: pa.Array) -> pa.Table:
+    return t.filter(pc.is_in(t.column("id"), value_set=ids))
+
+
+def _later_claims_of_table(claims: pa.Table) -> pa.Table:
+    """_later_claims over every repeated id at once, for a claim table small enough for one process."""
+    claims = claims.sort_by([("id", "ascending"), ("source", "ascending"), ("pos", "ascending")])
+    ids, sources, positions = (claims[c].to_pylist() for c in ("id", "source", "pos"))
+    rows, first, previous = [], "", None
+    for doc_id, source, pos in zip(ids, sources, positions):
+        if doc_id != previous:
+            first, previous = f"{source}:{pos}", doc_id
+        else:
+            rows.append({"source": source, "pos": pos, "first": first})
+    return pa.Table.from_pylist(rows, schema=LATER)
+
+
+def _collect(ds) -> pa.Table:
+    return pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow")))
+
+
 def later_claims(rows, num_partitions: int):
-    """A materialized dataset of (source, pos, first) for every document whose id an earlier one
-    claimed, or None when every id is unique."""
+    """(source, pos, first) for every document whose id an earlier one claimed: a pa.Table when there are
+    few (the usual case: found without a second shuffle), else a materialized dataset; None when every
+    id is unique."""
     docs = rows.map_batches(_documents, batch_format="pyarrow").materialize()
     repeated = (
         docs.groupby("id", num_partitions=num_partitions)
@@ -58,8 +82,14 @@ def later_claims(rows, num_partitions: int):
         .map_batches(_repeated, batch_format="pyarrow")
         .materialize()
     )
-    if repeated.count() == 0:
+    n_repeated = repeated.count()
+    if n_repeated == 0:
         return None
+    if n_repeated <= BROADCAST_LIMIT:
+        ids = _collect(repeated)["id"]
+        claims = docs.map_batches(_with_ids, fn_kwargs={"ids": ids}, batch_format="pyarrow").materialize()
+        if claims.count() <= 2 * BROADCAST_LIMIT:
+            return _later_claims_of_table(_collect(claims))
     claims = docs.join(repeated, join_type="inner", num_partitions=num_partitions, on=("id",))
     return (
         claims.groupby("id", num_partitions=num_partitions)
@@ -93,8 +123,8 @@ def set_aside_later_claims(rows, num_partitions: int):
     later = later_claims(rows, num_partitions)
     if later is None:
         return rows
-    if later.count() <= BROADCAST_LIMIT:
-        table = pa.concat_tables(list(later.iter_batches(batch_format="pyarrow")))
+    if isinstance(later, pa.Table) or later.count() <= BROADCAST_LIMIT:
+        table = later if isinstance(later, pa.Table) else _collect(later)
         return rows.map_batches(_mark_from_table, fn_kwargs={"later": table}, batch_format="pyarrow")
     joined = rows.join(later, join_type="left_outer", num_partitions=num_partitions, on=("source", "pos"))
     return joined.map_batches(_mark_joined, batch_format="pyarrow")

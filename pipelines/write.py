@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pyarrow.parquet as pq
+
 from raylm.core import storage
 from raylm.core.artifacts import CuratedDir
 

@@ -25,11 +25,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from raylm.serving import api, sse
 from raylm.serving.config import BatchingConfig, ServeConfig
 from raylm.serving.engine import DEFAULT_CHAT_STOP, Delta, Engine, SamplingParams, check_adapter_dir
 from raylm.serving.scheduler import AsyncEngine, GenerationRequest
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("raylm")
 DEPLOYMENT_NAME = "LLMServer"

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, model_validator
+
 from raylm.core.schema import Bool, Float, Int, PathOrUri, Section
 
 

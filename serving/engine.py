@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from raylm.core.artifacts import ExportDir
 from raylm.core.errors import InputError
 from raylm.serving import kv_cache

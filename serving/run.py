@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import yaml
+
 from raylm.core import outputs, storage
 from raylm.core.artifacts import SERVE, RunDir
 from raylm.core.config import PlatformConfig
@@ -82,6 +83,7 @@ def base_url(cfg: ServeConfig) -> str:
 def start(cfg: ServeConfig, model_id: str, api_key_sha256: list[str] | None = None) -> str:
     """Deploy on the running Ray (non-blocking) and return the OpenAI base URL."""
     from ray import serve
+
     from raylm.serving.app import build_app
 
     check_model_dir(cfg.model)

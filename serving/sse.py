@@ -10,9 +10,10 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from sse_starlette.sse import EventSourceResponse
+
 from raylm.serving import api
 from raylm.serving.engine import Delta
-from sse_starlette.sse import EventSourceResponse
 
 log = logging.getLogger("raylm")
 

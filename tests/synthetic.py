@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from raylm.pipelines.dedup.minhash import shingle_sets
 
 COMMON_WORDS: list[str] = (Path(__file__).with_name("synthetic_words.txt")).read_text().split()

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from raylm.core import metrics
 from raylm.pipelines import filters, normalize, readers
 from raylm.pipelines.run import drops_by_stage

@@ -1,6 +1,7 @@
 """Every stage refuses, before Ray starts, an output that would overwrite what raylm did not write."""
 
 import pytest
+
 from raylm.core.cli import main
 from raylm.core.outputs import claim
 

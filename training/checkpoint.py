@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
 from raylm.core.errors import ConfigError
 
 STATE = "trainer_state.json"

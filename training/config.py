@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
+
 from raylm.core.schema import Bool, Float, Int, PathOrUri, Section, Seed, reject_bool
 
 Beta = Annotated[Float, Field(ge=0, lt=1)]
@@ -166,6 +167,9 @@ class TrainConfig(Section):
     """At most this many micro batches per worker per evaluation."""
     log_every: Int = Field(1, ge=1)
     """Log a metrics line on rank 0 every this many steps."""
+    report_every: Int = Field(10, ge=1)
+    """Send metrics to Ray Train every this many steps and on checkpoint steps (each report is a barrier
+    that waits for Ray's controller, about a second, so a report per short step would slow training)."""
     seed: Seed | None = None
     """Seed of init, data order and RNG; null takes the recipe's top-level seed."""
     peak_flops: Float | None = Field(None, gt=0)

@@ -16,6 +16,7 @@ import hashlib
 
 import numpy as np
 import pyarrow.parquet as pq
+
 from raylm.core import storage
 from raylm.core.artifacts import CuratedDir
 

@@ -9,6 +9,7 @@ import tempfile
 from typing import Any
 
 import torch
+
 from raylm.core import lineage, outputs, storage
 from raylm.core.artifacts import EXPORT_ADAPTER, EXPORT_MODEL, CuratedDir, TrainDir
 from raylm.training.config import TrainConfig

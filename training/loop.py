@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from raylm.core import metrics
 from raylm.core.artifacts import CuratedDir
 from raylm.training import checkpoint as ckpt
@@ -75,7 +76,7 @@ class TrainingRun:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point (TorchTrainer, training/run.py)."""
-    train(config, RayTrain(), ray_train_report)
+    train(config, RayTrain(), ray_train_report(config["train"]["report_every"]))
 
 
 def train_in_process(config: dict[str, Any], report: Report) -> list[dict[str, Any]]:

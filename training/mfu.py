@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+
 from raylm.training.config import TrainConfig
 from raylm.training.model import flops_per_token
 

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 import torch
+
 from raylm.training.config import LoraConfig, ModelConfig
 
 

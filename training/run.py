@@ -86,6 +86,7 @@ def build_trainer(t: TrainConfig, config: dict[str, Any], datasets: dict[str, An
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
+
     from raylm.training.loop import train_loop_per_worker
 
     return TorchTrainer(

@@ -22,13 +22,14 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
 from raylm.training import checkpoint as ckpt
 from raylm.training.data import shard_files, tokens_from_files, tokens_from_ray
 
@@ -253,14 +254,23 @@ class RayTrain(Runtime):
             self._actor = False
 
 
-def ray_train_report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-    """The report function of a TorchTrainer worker (every rank calls it: it is a barrier). Ray Train
-    stores the checkpoint under the run's storage path by the folder's name (step_XXXXXXXX)."""
-    import ray.train
+def ray_train_report(every: int) -> Callable[[dict[str, Any], str | None], None]:
+    """The report function of a TorchTrainer worker: passes on every checkpoint, and the metrics of every
+    `every`-th step. Every rank calls it on the same steps, as it must: ray.train.report is a barrier, and
+    it waits until Ray's controller has taken the previous report (its queue holds one), which costs
+    about a second per call; the loop itself calls it every step. Ray Train stores the checkpoint under
+    the run's storage path by the folder's name (step_XXXXXXXX)."""
 
-    checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-    name = os.path.basename(checkpoint_dir) if checkpoint_dir else None
-    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        if checkpoint_dir is None and metrics.get("step", 0) % every:
+            return
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        name = os.path.basename(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+
+    return report
 
 
 # ---- SIGTERM ---------------------------------------------------------------------------------------

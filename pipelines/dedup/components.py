@@ -19,6 +19,7 @@ import itertools
 
 import numpy as np
 import ray
+
 from raylm.pipelines.dedup.lsh import dedup_pairs
 
 Parts = list  # list of ObjectRef, one per partition

@@ -7,6 +7,7 @@ candidate; with Jaccard s that happens with probability 1 - (1 - s^rows)^bands (
 from __future__ import annotations
 
 import numpy as np
+
 from raylm.pipelines.dedup.minhash import mix64
 
 

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import xxhash
+
 from raylm.pipelines.config import NearDedupConfig
 from raylm.pipelines.dedup.components import concat_pairs, connected_components, partition_of, split_pairs
 from raylm.pipelines.dedup.lsh import band_keys, optimal_bands_rows, shared_buckets, star_edges

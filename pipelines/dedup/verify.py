@@ -15,6 +15,7 @@ are left where they are, which saves a copy of the largest array.
 from __future__ import annotations
 
 import numpy as np
+
 from raylm.pipelines.dedup.lsh import dedup_pairs
 
 

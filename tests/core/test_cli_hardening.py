@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from raylm.core.cli import MAX_MESSAGE_LINES, main
 from raylm.core.errors import ConfigError
 

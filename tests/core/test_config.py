@@ -1,4 +1,5 @@
 import pytest
+
 from raylm.core.config import build_config, load_config, parse_overrides
 from raylm.core.errors import ConfigError
 

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import pytest
 import yaml
+
 from raylm.core.config import (
     MAX_RECIPE_BYTES,
     PlatformConfig,
@@ -555,8 +556,9 @@ def test_tokenizer_path_that_is_a_file(tmp_path):
 
 
 def test_tokenizer_without_eos_is_refused(tmp_path, tiny_tokenizer_dir):
-    from raylm.pipelines.tokenize import check_tokenizer_dir
     from transformers import AutoTokenizer
+
+    from raylm.pipelines.tokenize import check_tokenizer_dir
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     tok.eos_token = None

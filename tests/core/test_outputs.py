@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+
 from raylm.core import outputs, storage
 from raylm.core.errors import ConfigError
 from raylm.core.lineage import write_manifest

@@ -1,6 +1,7 @@
 import os
 
 import pytest
+
 from raylm.core import outputs, storage
 
 

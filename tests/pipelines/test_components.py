@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from raylm.pipelines.dedup.components import connected_components, split_pairs
-from raylm.pipelines.dedup.lsh import star_edges
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components as scipy_components
+
+from raylm.pipelines.dedup.components import connected_components, split_pairs
+from raylm.pipelines.dedup.lsh import star_edges
 
 
 def run_components(

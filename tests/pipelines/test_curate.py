@@ -6,13 +6,13 @@ import random
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+
 from raylm.core import storage
 from raylm.core.artifacts import CuratedDir, RunDir
 from raylm.core.config import build_config
 from raylm.core.errors import InputError
 from raylm.core.lineage import read_manifest
 from raylm.pipelines.run import run
-
 from tests.synthetic import document
 
 pytestmark = pytest.mark.slow

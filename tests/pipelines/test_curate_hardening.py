@@ -11,6 +11,7 @@ import random
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from raylm.core import outputs, storage
 from raylm.core.artifacts import CuratedDir
 from raylm.core.cli import main
@@ -19,7 +20,6 @@ from raylm.core.errors import InputError
 from raylm.core.lineage import read_manifest
 from raylm.pipelines import readers, unique_ids
 from raylm.pipelines.run import run
-
 from tests.synthetic import sample_text
 
 pytestmark = pytest.mark.slow

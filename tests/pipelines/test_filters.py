@@ -1,5 +1,6 @@
 import pyarrow as pa
 import pytest
+
 from raylm.pipelines.config import FilterConfig
 from raylm.pipelines.filters import (
     AlphaWords,

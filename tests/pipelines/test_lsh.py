@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 from datasketch.lsh import _optimal_param
+
 from raylm.pipelines.dedup.lsh import (
     band_keys,
     candidate_probability,

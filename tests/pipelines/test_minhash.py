@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from raylm.pipelines.dedup.minhash import (
     jaccard,
     permutations,
@@ -14,7 +15,6 @@ from raylm.pipelines.dedup.minhash import (
     split_words,
     unique_per_text,
 )
-
 from tests.synthetic import generate_corpus
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+
 from raylm.pipelines.config import NearDedupConfig
 from raylm.pipelines.dedup.minhash import shingle_hashes, shingle_sets, unique_per_text
 from raylm.pipelines.dedup.near import bands_and_rows, near_duplicate_clusters
 from raylm.pipelines.dedup.verify import merge_packs, pack_from_offsets, verified_star_edges
-
 from tests.synthetic import generate_corpus, read_truth, score_clusters, write_corpus
 
 

@@ -1,4 +1,5 @@
 import pyarrow as pa
+
 from raylm.pipelines.config import NormalizeConfig, PIIConfig
 from raylm.pipelines.normalize import Normalize, ScrubPII
 

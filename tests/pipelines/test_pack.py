@@ -1,5 +1,6 @@
 import numpy as np
 import pyarrow as pa
+
 from raylm.pipelines.pack import eval_split, pack_group, pack_rows
 
 

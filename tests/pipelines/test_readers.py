@@ -4,6 +4,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from raylm.core.errors import InputError
 from raylm.pipelines.config import SourceConfig
 from raylm.pipelines.readers import BUILTIN_PYTHON_DOCS, discover, read_file

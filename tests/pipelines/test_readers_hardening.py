@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+
 from raylm.pipelines import readers
 from raylm.pipelines.config import SourceConfig
 from raylm.pipelines.readers import find_inputs, read_file, read_files

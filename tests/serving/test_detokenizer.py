@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from raylm.serving.detokenizer import TextStream
 
 MULTIBYTE = ["é", "ß", "€", "日本語", "naïve café", "😀", "👩‍💻", "Ωμέγα", "中文字符", "🙂 ok", "ü"]

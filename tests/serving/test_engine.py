@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from raylm.serving.engine import Engine, SamplingParams, _token_budget_chunks
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0)

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import pytest
 import requests
+
 from raylm.serving.config import ServeConfig
 from raylm.serving.run import start
 
@@ -333,8 +334,9 @@ MALFORMED = {  # per class, for the robustness table (each streamed variant coun
 
 def test_min_tokens_is_a_lower_bound(tiny_model_dir):
     """engine.min_tokens refuses prompts without tokenizing them: it must never exceed the real count."""
-    from raylm.serving.engine import _max_token_chars
     from transformers import AutoTokenizer
+
+    from raylm.serving.engine import _max_token_chars
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     longest = _max_token_chars(tok)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from raylm.serving.kv_cache import ReservedLayer, reserve, stack_rows, unpack_rows
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from raylm.serving.kv_cache import ReservedLayer, reserve, stack_rows, unpack_rows
 
 
 def filled_cache(rows: int, length: int, seed: int) -> DynamicCache:

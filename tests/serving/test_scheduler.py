@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from raylm.serving.engine import Engine, SamplingParams
 from raylm.serving.scheduler import AsyncEngine, GenerationRequest
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
 from raylm.core.cli import main
 from raylm.core.config import build_config
 from raylm.core.errors import ConfigError

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import requests
+
 from raylm.serving.config import ServeConfig
 from raylm.serving.run import serve_config
 

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+
 from raylm.serving.app import hash_key
 from raylm.serving.config import ServeConfig
 from raylm.serving.run import start

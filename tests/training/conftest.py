@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from raylm.core import lineage, storage
 from raylm.core.artifacts import CURATED, CuratedDir
-
 from tests.synthetic import sample_text
 
 SEQ_LEN = 32

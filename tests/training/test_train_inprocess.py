@@ -15,12 +15,13 @@ import sys
 
 import pytest
 import torch
+from train_helpers import tiny_run
+
 from raylm.core import metrics
 from raylm.core.artifacts import TrainDir
 from raylm.training import checkpoint as ckpt
 from raylm.training.loop import Preempted, train_in_process
 from raylm.training.run import loop_config, read_curated
-from train_helpers import tiny_run
 
 pytestmark = pytest.mark.slow
 

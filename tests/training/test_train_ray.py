@@ -14,10 +14,11 @@ import signal
 import numpy as np
 import pytest
 import torch
+from train_helpers import history, signal_after_checkpoints, tiny_run
+
 from raylm.core.artifacts import CuratedDir, TrainDir
 from raylm.training import checkpoint as ckpt
 from raylm.training.run import run, storage_path
-from train_helpers import history, signal_after_checkpoints, tiny_run
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +36,10 @@ def reference_run(ray_cluster, curated_dir, tmp_path_factory):
 
 def single_process_losses(cfg, curated_dir: str, steps: int) -> list[float]:
     """The same optimisation in one process with plain PyTorch: whole global batch per step."""
+    from transformers import AutoTokenizer
+
     from raylm.training.data import GlobalSampler, shard_files, tokens_from_files
     from raylm.training.model import build_model, cosine_lr_lambda, param_groups
-    from transformers import AutoTokenizer
 
     t = cfg.train
     tok = AutoTokenizer.from_pretrained(CuratedDir(curated_dir).tokenizer)

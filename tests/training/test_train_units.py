@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+
 from raylm.core.config import build_config
 from raylm.core.errors import ConfigError
 from raylm.training import checkpoint as ckpt
@@ -53,6 +54,7 @@ def test_bad_combinations_fail_at_load_naming_keys(train, keys):
 
 def test_cli_exits_2_before_ray(tmp_path, capsys):
     import yaml
+
     from raylm.core.cli import main
 
     path = tmp_path / "r.yaml"
@@ -123,9 +125,10 @@ def test_lora_trains_only_adapters_and_exports_an_adapter(tiny_model_dir, curate
     """LoRA on a local HF checkpoint: only adapter weights are trainable and move; the export holds only
     the adapter, and base + adapter reloaded in a fresh model give the trained logits."""
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from raylm.training.export import export_model
     from raylm.training.model import build_model, param_groups
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = TrainConfig.model_validate(
         {
@@ -204,3 +207,25 @@ def test_reported_metrics_carry_the_latest_eval_and_the_run_name():
     assert row["eval_loss"] == 2.7 and row["run"] == "my-run" and row["loss"] == 2.4 and "x" not in row
     # an evaluation on this very step wins over the carried one
     assert progress.reported_metrics({"step": 4, "eval_loss": 2.6}, last, "r")["eval_loss"] == 2.6
+
+
+def test_ray_train_report_passes_checkpoints_and_every_nth_step(monkeypatch, tmp_path):
+    """Ray Train's report is a barrier that waits for the controller (about a second): the loop calls
+    the report function every step, and Ray Train gets every checkpoint plus every `report_every`-th step."""
+    import ray.train
+
+    from raylm.training.runtime import ray_train_report
+
+    sent = []
+    monkeypatch.setattr(
+        ray.train,
+        "report",
+        lambda m, checkpoint, checkpoint_dir_name: sent.append((m["step"], checkpoint_dir_name)),
+    )
+    report = ray_train_report(3)
+    for step in range(1, 8):
+        folder = tmp_path / f"step_{step:08d}" if step == 5 else None
+        if folder:
+            folder.mkdir()
+        report({"step": step, "loss": 1.0}, str(folder) if folder else None)
+    assert sent == [(3, None), (5, "step_00000005"), (6, None)]

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import psutil
+
 from raylm.core.artifacts import TrainDir
 from raylm.core.config import PlatformConfig, build_config, deep_merge
 
