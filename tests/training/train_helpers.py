@@ -38,6 +38,10 @@ def tiny_run(data_dir: str, root, **train: Any) -> PlatformConfig:
         "checkpoint": {"every_steps": 4, "keep_last": 3, "max_failures": 2, "preemption_check_every": 2},
         "cpus_per_worker": 1,
         "log_every": 1,
+        # A Ray Train report every step, as before train.report_every existed: each report wakes the
+        # worker's main thread, so a SIGTERM is handled by the next step (otherwise within Ray's 2 s
+        # health check, several of these tiny steps later) and the recovery test knows where it stops.
+        "report_every": 1,
     }
     return build_config(
         {"name": "t", "run_dir": str(root), "seed": 0, "stages": ["train"], "train": deep_merge(base, train)}
