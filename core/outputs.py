@@ -28,6 +28,7 @@ from collections.abc import Iterator
 import pyarrow.fs as pafs
 
 from raylm.core import storage
+from raylm.core.artifacts import RUN
 from raylm.core.errors import ConfigError
 
 MARKER = ".raylm-output.json"
@@ -35,7 +36,7 @@ SHOWN_ENTRIES = 3  # how many foreign entries an error message names
 
 
 def _entries(path: str) -> list[str] | None:
-    """Names directly inside a folder; None when `path` does not exist; raises ConfigError for a file."""
+    """Names directly inside a folder; None when `path` does not exist; [""] when it is a file."""
     fs, p = storage.filesystem(path)
     info = fs.get_file_info(p)
     if info.type == pafs.FileType.NotFound:
@@ -80,18 +81,14 @@ def claim(path: str, kind: str) -> None:
 
 
 def _real(path: str) -> str:
-    """A comparable form of a path: resolved symlinks for local paths, the URI itself otherwise."""
-    if storage.is_remote(path):
-        return path.rstrip("/")
-    if path.startswith("file://"):
-        path = path[len("file://") :]
-    return os.path.realpath(path)
+    """A comparable form of a path: resolved symlinks for local paths, the URI itself otherwise (config
+    validation has already made local paths absolute and file:// URIs local)."""
+    return path.rstrip("/") if storage.is_remote(path) else os.path.realpath(path)
 
 
-def _glob_base(path: str) -> str:
-    """The folder part of a glob (`/data/*.jsonl` -> `/data`), so overlaps are checked on folders."""
-    cut = min((path.find(ch) for ch in "*?[" if ch in path), default=-1)
-    return path if cut < 0 else path[:cut].rsplit("/", 1)[0] or "/"
+def _some(names: list[str]) -> str:
+    """The first few names, for an error message that must stay one line."""
+    return ", ".join(names[:SHOWN_ENTRIES]) + (", ..." if len(names) > SHOWN_ENTRIES else "")
 
 
 def _inside(child: str, parent: str) -> bool:
@@ -104,7 +101,7 @@ def check_overlap(key: str, output: str, inputs: dict[str, str]) -> None:
     for input_key, input_path in inputs.items():
         if not input_path or input_path.startswith("builtin:"):
             continue
-        src = _real(_glob_base(input_path))
+        src = _real(storage.glob_base(input_path))
         if _inside(out, src):
             raise ConfigError(
                 f"{key}: output {output} lies inside the input {input_key} ({input_path}); "
@@ -127,9 +124,8 @@ def check_output(key: str, path: str, kind: str, inputs: dict[str, str] | None =
         raise ConfigError(f"{key}: {path} is an existing file; an output must be a folder")
     found = output_kind(path)
     if found is None:
-        shown = ", ".join(entries[:SHOWN_ENTRIES]) + (", ..." if len(entries) > SHOWN_ENTRIES else "")
         raise ConfigError(
-            f"{key}: {path} already holds files that raylm did not write ({shown}); raylm never "
+            f"{key}: {path} already holds files that raylm did not write ({_some(entries)}); raylm never "
             "overwrites them: point it at a new or empty folder"
         )
     if found != kind:
@@ -151,7 +147,7 @@ def check_stage_output(
 def claim_run_dir(run_dir: str, output: str) -> None:
     """Mark run_dir as raylm's before a stage writes its output inside it."""
     if _inside(_real(output), _real(run_dir)):
-        claim(run_dir, "run")
+        claim(run_dir, RUN)
 
 
 def check_folder_of_outputs(key: str, path: str) -> None:
@@ -162,13 +158,12 @@ def check_folder_of_outputs(key: str, path: str) -> None:
         return
     if entries == [""]:
         raise ConfigError(f"{key}: {path} is an existing file; it must be a folder")
-    if output_kind(path) == "run":
+    if output_kind(path) == RUN:
         return
     foreign = [e for e in entries if ".partial-" not in e and output_kind(storage.join(path, e)) is None]
     if foreign:
-        shown = ", ".join(foreign[:SHOWN_ENTRIES]) + (", ..." if len(foreign) > SHOWN_ENTRIES else "")
         raise ConfigError(
-            f"{key}: {path} already holds files that raylm did not write ({shown}); point it at a new "
+            f"{key}: {path} already holds files that raylm did not write ({_some(foreign)}); point it at a new "
             "or empty folder"
         )
 

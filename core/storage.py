@@ -26,6 +26,12 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+def glob_base(path: str) -> str:
+    """The folder part of a path with a glob (`/data/*.jsonl` -> `/data`); the path itself without one."""
+    cut = min((path.find(ch) for ch in "*?[" if ch in path), default=-1)
+    return path if cut < 0 else path[:cut].rsplit("/", 1)[0] or "/"
+
+
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path within it) for a local path or URI."""
     if is_remote(uri) or uri.startswith("file://"):

@@ -170,8 +170,8 @@ def _listing(src: SourceConfig, skipped: Counter[str]) -> Iterator[tuple[str, in
     fs, base = storage.filesystem(src.path)
     prefix = src.path[: src.path.index("://") + 3] if storage.is_remote(src.path) else ""
     pattern = None
-    if any(ch in base for ch in "*?["):
-        pattern, base = base, base[: min(base.find(ch) for ch in "*?[" if ch in base)].rsplit("/", 1)[0]
+    if storage.glob_base(base) != base:
+        pattern, base = base, storage.glob_base(base)
     info = fs.get_file_info(base)
     if info.type == pafs.FileType.NotFound:
         raise InputError(f"data.sources: input path '{src.path}' does not exist")
@@ -205,14 +205,13 @@ def find_inputs(sources: list[SourceConfig]) -> Inputs:
         for path, size, mtime in _listing(src, inputs.skipped):
             name = os.path.basename(path)
             fmt = _format_of(path, src.format)
-            real = path if storage.is_remote(path) else os.path.realpath(path)
             if not _utf8_name(path):
                 inputs.skipped[SKIP_UNDECODABLE_NAME] += 1
             elif name.startswith((".", "_")):
                 inputs.skipped[SKIP_HIDDEN] += 1  # hidden files and markers such as _SUCCESS
             elif fmt is None:
                 inputs.skipped[SKIP_UNKNOWN_EXTENSION] += 1
-            elif real in seen:
+            elif (real := path if storage.is_remote(path) else os.path.realpath(path)) in seen:
                 inputs.skipped[SKIP_ALREADY_LISTED] += 1
             else:
                 seen.add(real)
@@ -225,11 +224,6 @@ def find_inputs(sources: list[SourceConfig]) -> Inputs:
             + (f" (skipped: {skipped})" if skipped else "")
         )
     return inputs
-
-
-def discover(sources: list[SourceConfig]) -> list[InputFile]:
-    """The files to read (find_inputs without the skip counts)."""
-    return find_inputs(sources).files
 
 
 def _row(id_: str, text: str | None, source: str, pos: int = 0, reject: str | None = None) -> dict:

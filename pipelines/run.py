@@ -256,9 +256,8 @@ def _read_clean_filter(data: DataConfig, files, parts: int, staging: CuratedDir,
     if rejected.count():
         rejected.write_parquet(staging.rejects)
     if tally.after_filters == 0:
-        final = data.output
         kept_at = outputs.publish_incomplete(
-            staging.root, final, CURATED, [os.path.basename(staging.rejects)]
+            staging.root, data.output, CURATED, [os.path.basename(staging.rejects)]
         )
         raise InputError(
             f"data.sources: no documents left to curate: {tally.rows_read} rows read, all rejected "
@@ -328,9 +327,11 @@ def _sequences(tally: Tally) -> dict[str, int]:
     return {s: sum(x["rows"] for x in tally.shards.get(s, [])) for s in SPLITS}
 
 
-def _counts(tally: Tally, inputs: readers.Inputs, in_bytes: int, seq_len: int) -> dict:
+def _counts(
+    tally: Tally, drops: tuple[dict, dict, dict], inputs: readers.Inputs, in_bytes: int, seq_len: int
+) -> dict:
     """The manifest's counts, after checking that no stage passed on more documents than it got."""
-    read_drops, norm_drops, _ = drops_by_stage(tally.drops)
+    read_drops, norm_drops, _ = drops
     n_valid = tally.rows_read - sum(read_drops.values())
     n_normalized = n_valid - sum(norm_drops.values())
     check_counts_never_grow(
@@ -389,8 +390,8 @@ def _write_manifest(
 ) -> dict:
     """manifest.json, written last (it marks the folder complete); returns its counts."""
     in_bytes = sum(f.size for f in inputs.files)
-    counts = _counts(tally, inputs, in_bytes, data.seq_len)
-    read_drops, norm_drops, filter_drops = drops_by_stage(tally.drops)
+    drops = drops_by_stage(tally.drops)
+    counts = _counts(tally, drops, inputs, in_bytes, data.seq_len)
     total = sum(times.seconds.values())
     write_manifest(
         staging.root,
@@ -403,7 +404,7 @@ def _write_manifest(
             "skipped_files": dict(sorted(inputs.skipped.items())),
         },
         counts=counts,
-        drops={"read": read_drops, "normalize": norm_drops, "filters": filter_drops},
+        drops={"read": drops[0], "normalize": drops[1], "filters": drops[2]},
         timings={
             **times.seconds,
             "total": round(total, 3),

@@ -39,23 +39,13 @@ def _repeated(t: pa.Table) -> pa.Table:
     return t.filter(pc.greater(t.column("count()"), 1)).select(["id"])
 
 
-def _later_claims(group: pa.Table) -> pa.Table:
-    """All rows of one repeated id: every row but the first (by source, pos), with where the first is."""
-    group = group.sort_by([("source", "ascending"), ("pos", "ascending")])
-    first = f"{group['source'][0].as_py()}:{group['pos'][0].as_py()}"
-    rest = group.slice(1)
-    return pa.table(
-        {"source": rest["source"], "pos": rest["pos"], "first": pa.array([first] * rest.num_rows)},
-        schema=LATER,
-    )
-
-
 def _with_ids(t: pa.Table, ids: pa.Array) -> pa.Table:
     return t.filter(pc.is_in(t.column("id"), value_set=ids))
 
 
-def _later_claims_of_table(claims: pa.Table) -> pa.Table:
-    """_later_claims over every repeated id at once, for a claim table small enough for one process."""
+def _later_claims(claims: pa.Table) -> pa.Table:
+    """Claims of repeated ids (one id's group, or all of them) -> every claim but the first of its id (by
+    source, pos), with where the first is."""
     claims = claims.sort_by([("id", "ascending"), ("source", "ascending"), ("pos", "ascending")])
     ids, sources, positions = (claims[c].to_pylist() for c in ("id", "source", "pos"))
     rows, first, previous = [], "", None
@@ -89,7 +79,7 @@ def later_claims(rows, num_partitions: int):
         ids = _collect(repeated)["id"]
         claims = docs.map_batches(_with_ids, fn_kwargs={"ids": ids}, batch_format="pyarrow").materialize()
         if claims.count() <= 2 * BROADCAST_LIMIT:
-            return _later_claims_of_table(_collect(claims))
+            return _later_claims(_collect(claims))
     claims = docs.join(repeated, join_type="inner", num_partitions=num_partitions, on=("id",))
     return (
         claims.groupby("id", num_partitions=num_partitions)

@@ -7,13 +7,13 @@ import pytest
 
 from raylm.core.errors import InputError
 from raylm.pipelines.config import SourceConfig
-from raylm.pipelines.readers import BUILTIN_PYTHON_DOCS, discover, read_file
+from raylm.pipelines.readers import BUILTIN_PYTHON_DOCS, find_inputs, read_file
 
 
 def rows(tmp_path, name, content: bytes, **src):
     path = tmp_path / name
     path.write_bytes(content)
-    (f,) = discover([SourceConfig(path=str(path), **src)])
+    (f,) = find_inputs([SourceConfig(path=str(path), **src)]).files
     return list(read_file(f))
 
 
@@ -58,11 +58,11 @@ def test_empty_and_corrupt_files_are_rejected_not_fatal(tmp_path):
 
 def test_parquet_with_nulls_and_missing_column(tmp_path):
     pq.write_table(pa.table({"id": ["x", "y"], "text": ["ok", None]}), tmp_path / "p.parquet")
-    (f,) = discover([SourceConfig(path=str(tmp_path / "p.parquet"))])
+    (f,) = find_inputs([SourceConfig(path=str(tmp_path / "p.parquet"))]).files
     out = list(read_file(f))
     assert out[0]["text"] == "ok" and out[1]["reject"].startswith("text_not_string")
     pq.write_table(pa.table({"body": ["ok"]}), tmp_path / "q.parquet")
-    (f,) = discover([SourceConfig(path=str(tmp_path / "q.parquet"))])
+    (f,) = find_inputs([SourceConfig(path=str(tmp_path / "q.parquet"))]).files
     assert next(read_file(f))["reject"].startswith("missing_text_field")
 
 
@@ -70,20 +70,20 @@ def test_discover_folder_glob_and_errors(tmp_path):
     (tmp_path / "sub").mkdir()
     for name in ["a.jsonl", "sub/b.txt", "sub/c.parquet", "skip.bin", "_SUCCESS"]:
         (tmp_path / name).write_bytes(b"x")
-    found = discover([SourceConfig(path=str(tmp_path))])
+    found = find_inputs([SourceConfig(path=str(tmp_path))]).files
     assert [f.format for f in found] == ["jsonl", "text", "parquet"]
-    assert [f.path for f in discover([SourceConfig(path=str(tmp_path / "sub" / "*.txt"))])] == [
+    assert [f.path for f in find_inputs([SourceConfig(path=str(tmp_path / "sub" / "*.txt"))]).files] == [
         str(tmp_path / "sub/b.txt")
     ]
     with pytest.raises(InputError, match="does not exist"):
-        discover([SourceConfig(path=str(tmp_path / "missing"))])
+        find_inputs([SourceConfig(path=str(tmp_path / "missing"))])
     (tmp_path / "only-bin").mkdir()
     with pytest.raises(InputError, match="no readable files"):
-        discover([SourceConfig(path=str(tmp_path / "only-bin"))])
+        find_inputs([SourceConfig(path=str(tmp_path / "only-bin"))])
 
 
 def test_builtin_python_docs_is_real_prose_with_unique_ids():
-    files = discover([SourceConfig(path=BUILTIN_PYTHON_DOCS)])
+    files = find_inputs([SourceConfig(path=BUILTIN_PYTHON_DOCS)]).files
     docs = [r for f in files[:200] for r in read_file(f)]
     assert len(files) > 300 and len(docs) > 1000
     assert len({d["id"] for d in docs}) == len(docs)
