@@ -8,7 +8,11 @@ s3:// / gs:// URI) and names its parts; `validate()` raises InputError naming wh
       curated/                    CuratedDir  (raylm curate)
         shards/{split}-NNNNN.parquet, tokenizer/, docs/, dedup/clusters.parquet, rejects/, manifest.json
       train/                      TrainDir    (raylm train)
-        checkpoints/, export/ (ExportDir), metrics.jsonl, loss_curve.png, manifest.json
+        checkpoints/, export/ (ExportDir), metrics.jsonl, loss_curve.png, probe_logits.safetensors,
+        manifest.json
+      tune/                       TuneDir     (raylm tune)
+        experiment/ (Ray Tune's), trials/<trial_id>/ (a TrainDir each), adapters/NN-<trial_id>/,
+        best_adapter/, trials.csv, best_config.yaml, lr_vs_loss.png, learning_curves.png, manifest.json
       serve/serve_config.yaml     (raylm serve)
 """
 
@@ -23,9 +27,11 @@ from raylm.core.errors import InputError
 from raylm.core.storage import join
 
 # The `kind` of each stage's output (in its manifest and its core/outputs.py marker).
-CURATED, TRAIN, SERVE, RUN = "curated", "train", "serve", "run"
+CURATED, TRAIN, TUNE, SERVE, RUN = "curated", "train", "tune", "serve", "run"
 EXPORT_MODEL, EXPORT_ADAPTER = "model", "adapter"
-SPLITS = ("train", "eval")
+# Token shard splits: pretraining train/eval, and a held-apart part of the corpus for fine-tuning and
+# tuning (`data.finetune_fraction`), with its own validation split.
+SPLITS = ("train", "eval", "finetune", "finetune_eval")
 CLUSTERS_FILE = "clusters.parquet"
 
 
@@ -75,8 +81,9 @@ class CuratedDir:
             if f.rsplit("/", 1)[-1].startswith(f"{split}-")
         ]
 
-    def validate(self, key: str = "train.data_dir") -> dict[str, Any]:
-        """The manifest of a complete curated folder with what training needs; InputError otherwise."""
+    def validate(self, key: str = "train.data_dir", split: str = "train") -> dict[str, Any]:
+        """The manifest of a complete curated folder with what training needs (shards of `split`);
+        InputError otherwise."""
         if not storage.is_complete(self.root):
             raise InputError(
                 f"{key} {self.root} is not a complete curated folder (no {storage.MANIFEST}); "
@@ -87,8 +94,11 @@ class CuratedDir:
             raise InputError(
                 f"{key} {self.root}: manifest.json is not a curated manifest (kind={manifest.get('kind')!r})"
             )
-        if not self.shard_files("train"):
-            raise InputError(f"{key} {self.root} has no shards/train-*.parquet")
+        if not self.shard_files(split):
+            hint = (
+                " (held-apart splits need data.finetune_fraction > 0)" if split.startswith("finetune") else ""
+            )
+            raise InputError(f"{key} {self.root} has no shards/{split}-*.parquet{hint}")
         if not storage.exists(self.tokenizer):
             raise InputError(f"{key} {self.root} has no tokenizer/ folder")
         return manifest
@@ -143,6 +153,57 @@ class TrainDir:
         return join(self.root, "loss_curve.png")
 
     @property
+    def probe_logits(self) -> str:
+        """input_ids and the logits the trained model gave them at the end of training (safetensors), so
+        an exported model or adapter can be checked against what training had in memory."""
+        return join(self.root, "probe_logits.safetensors")
+
+    @property
+    def manifest(self) -> str:
+        return join(self.root, storage.MANIFEST)
+
+
+@dataclass(frozen=True)
+class TuneDir:
+    """The tuning output: Ray Tune's experiment, one training output per trial, the best adapters."""
+
+    root: str
+    EXPERIMENT = "experiment"
+
+    @property
+    def experiment(self) -> str:
+        """Ray Tune's experiment folder (Tuner storage_path is the root, its name EXPERIMENT)."""
+        return join(self.root, self.EXPERIMENT)
+
+    def trial(self, trial_id: str) -> TrainDir:
+        return TrainDir(join(self.root, "trials", trial_id))
+
+    @property
+    def adapters(self) -> str:
+        """The best keep_adapters adapters, best first (NN-<trial_id>/): serve.adapters.dirs takes it."""
+        return join(self.root, "adapters")
+
+    @property
+    def best_adapter(self) -> ExportDir:
+        return ExportDir(join(self.root, "best_adapter"))
+
+    @property
+    def trials_csv(self) -> str:
+        return join(self.root, "trials.csv")
+
+    @property
+    def best_config(self) -> str:
+        return join(self.root, "best_config.yaml")
+
+    @property
+    def lr_plot(self) -> str:
+        return join(self.root, "lr_vs_loss.png")
+
+    @property
+    def curves_plot(self) -> str:
+        return join(self.root, "learning_curves.png")
+
+    @property
     def manifest(self) -> str:
         return join(self.root, storage.MANIFEST)
 
@@ -160,6 +221,10 @@ class RunDir:
     @property
     def train(self) -> TrainDir:
         return TrainDir(join(self.root, "train"))
+
+    @property
+    def tune(self) -> TuneDir:
+        return TuneDir(join(self.root, "tune"))
 
     @property
     def serve(self) -> str:

@@ -158,9 +158,22 @@ class DataConfig(Section):
     """Tokens per packed training sequence."""
     eval_fraction: Float = Field(0.02, ge=0, lt=1)
     """Fraction of kept documents (chosen by a hash of their id) written to the eval split."""
+    finetune_fraction: Fraction = 0.0
+    """Fraction of kept documents held apart from pretraining for fine-tuning and tuning (splits finetune / finetune_eval), chosen by a hash of their id."""
+    finetune_eval_fraction: Float = Field(0.1, gt=0, lt=1)
+    """Share of the held-apart documents written to finetune_eval, the validation split that tuning scores trials on."""
     rows_per_shard: Int = Field(4096, ge=1)
     """Packed sequences per parquet shard (shards are balanced to within one row)."""
     write_rejects: Bool = True
     """Write the rows that filters drop to rejects/ with their reason (malformed input is always written)."""
     batch_size: Int = Field(512, ge=1)
     """Rows per Ray Data batch in the map stages."""
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> DataConfig:
+        if self.eval_fraction + self.finetune_fraction >= 1:
+            raise ValueError(
+                f"eval_fraction + finetune_fraction ({self.eval_fraction} + {self.finetune_fraction}) "
+                "must be below 1, or no document is left for the train split"
+            )
+        return self

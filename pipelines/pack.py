@@ -13,8 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-SPLITS = ("train", "eval")
+from raylm.core.artifacts import SPLITS
 
+HASH_RANGE = 2**32  # xxh32 of the id, the one hash every split decision reads
+# The splits in the order their shares follow each other along the hash range (see split_bounds).
+SPLITS_BY_HASH = ("eval", "finetune_eval", "finetune", "train")
 
 DOCS_PER_BUCKET = 4096
 
@@ -32,15 +35,33 @@ def add_bucket(batch: pa.Table, buckets: int) -> pa.Table:
     )
 
 
-def eval_split(ids: pa.ChunkedArray | pa.Array, eval_fraction: float) -> pa.Array:
-    """'eval' for a stable pseudo-random fraction of ids (by a hash of the id), else 'train'."""
+def split_bounds(eval_fraction: float, finetune_fraction: float, finetune_eval_fraction: float) -> list[int]:
+    """Where each split's share of the hash range ends: [0, a) eval, [a, b) finetune_eval,
+    [b, c) finetune, [c, 2**32) train. The held-apart region [a, c) directly follows eval, so with
+    finetune_fraction 0 the eval cut-off and every other document's split are what they always were."""
+    eval_end = int(eval_fraction * HASH_RANGE)
+    held_end = eval_end + int(finetune_fraction * HASH_RANGE)
+    finetune_eval_end = eval_end + int(finetune_fraction * finetune_eval_fraction * HASH_RANGE)
+    return [eval_end, min(finetune_eval_end, held_end), held_end]
+
+
+def assign_split(
+    ids: pa.ChunkedArray | pa.Array,
+    eval_fraction: float,
+    finetune_fraction: float = 0.0,
+    finetune_eval_fraction: float = 0.1,
+) -> pa.Array:
+    """Each id's split, chosen by where a hash of the id falls in the hash range (see split_bounds):
+    stable across runs, machines and block layouts, and independent of the other documents."""
     import xxhash
 
-    cutoff = int(eval_fraction * 2**32)
-    return pa.array(
-        ["eval" if xxhash.xxh32_intdigest(i.encode("utf-8")) < cutoff else "train" for i in ids.to_pylist()],
-        pa.string(),
+    hashes = np.fromiter(
+        (xxhash.xxh32_intdigest(i.encode("utf-8")) for i in ids.to_pylist()), np.int64, count=len(ids)
     )
+    bounds = split_bounds(eval_fraction, finetune_fraction, finetune_eval_fraction)
+    # side="right": a hash equal to a bound belongs to the region that starts there (h < bound is inside).
+    region = np.searchsorted(np.asarray(bounds, np.int64), hashes, side="right")
+    return pc.take(pa.array(SPLITS_BY_HASH, pa.string()), pa.array(region))
 
 
 def pack_rows(token_lists: list[np.ndarray], seq_len: int) -> np.ndarray:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raylm.core import metrics, outputs, storage
-from raylm.core.artifacts import CLUSTERS_FILE, CURATED, CuratedDir
+from raylm.core.artifacts import CLUSTERS_FILE, CURATED, SPLITS, CuratedDir
 from raylm.core.config import PlatformConfig, dump_config
 from raylm.core.errors import InputError
 from raylm.core.lineage import fingerprint, read_manifest, write_manifest
@@ -28,7 +28,7 @@ from raylm.pipelines.config import DataConfig
 from raylm.pipelines.dedup.exact import exact_duplicates
 from raylm.pipelines.filters import FILTER_REASONS, QualityFilter, reason_kind
 from raylm.pipelines.normalize import NORMALIZE_REASONS, Normalize, ScrubPII
-from raylm.pipelines.pack import SPLITS, add_bucket, eval_split, num_buckets, pack_group
+from raylm.pipelines.pack import add_bucket, assign_split, num_buckets, pack_group
 from raylm.pipelines.readers import READ_REASONS
 from raylm.pipelines.summary import StageRow, render_summary
 from raylm.pipelines.tokenize import Tokenize, check_tokenizer_dir, load_tokenizer, train_tokenizer
@@ -198,7 +198,7 @@ class Tally:
     after_exact_dedup: int = 0
     after_near_dedup: int = 0
     clustered: int = 0
-    eval_documents: int = 0
+    documents: dict[str, int] = field(default_factory=dict)  # kept documents per split
     tokens: int = 0
     vocab: int = 0
     shards: dict[str, list[dict]] = field(default_factory=dict)
@@ -283,15 +283,32 @@ def _deduplicate(kept, data: DataConfig, parts: int, staging: CuratedDir, tally:
     tally.clustered = write_table(_cluster_table(exact_dups, near, parts), staging.dedup, CLUSTERS_FILE)
     keep_ids = near.filter(expr="kept").select_columns(["id"])
     final = survivors.join(keep_ids, join_type="inner", num_partitions=parts, on=("id",))
-    final = final.map_batches(
-        lambda t: t.append_column("split", eval_split(t.column("id"), data.eval_fraction)),
-        batch_format="pyarrow",
-    ).materialize()
+    final = final.map_batches(_with_split, fn_kwargs={"data": data}, batch_format="pyarrow").materialize()
     tally.after_near_dedup = final.count()
-    tally.eval_documents = final.filter(expr="split == 'eval'").count()
+    tally.documents = _documents_per_split(final)
     final.write_parquet(staging.docs)
     times.lap("near_dedup_and_docs")
     return final
+
+
+def _with_split(t: pa.Table, data: DataConfig) -> pa.Table:
+    split = assign_split(
+        t.column("id"), data.eval_fraction, data.finetune_fraction, data.finetune_eval_fraction
+    )
+    return t.append_column("split", split)
+
+
+def _split_sizes(t: pa.Table) -> pa.Table:
+    counted = pc.value_counts(t.column("split"))
+    return pa.table({"split": counted.field("values"), "n": counted.field("counts")})
+
+
+def _documents_per_split(final) -> dict[str, int]:
+    """Documents per split (every split named, 0 where empty), in one pass that returns a few counts per block."""
+    documents = dict.fromkeys(SPLITS, 0)
+    for row in final.map_batches(_split_sizes, batch_format="pyarrow").take_all():
+        documents[row["split"]] += int(row["n"])
+    return documents
 
 
 def _tokenize_and_shard(final, data: DataConfig, parts: int, staging: CuratedDir, tally: Tally) -> None:
@@ -319,6 +336,9 @@ def _tokenize_and_shard(final, data: DataConfig, parts: int, staging: CuratedDir
         .materialize()
     )
     for split in SPLITS:
+        if tally.documents[split] == 0:  # no documents, no shards; and no Ray Data pass to count nothing
+            tally.shards[split] = []
+            continue
         part = packed.filter(expr=f"split == '{split}'").select_columns(["input_ids"])
         tally.shards[split] = write_shards(part, staging.shards, split, data.rows_per_shard)
 
@@ -358,7 +378,9 @@ def _counts(
         "after_exact_dedup": tally.after_exact_dedup,
         "after_near_dedup": tally.after_near_dedup,
         "clustered_documents": tally.clustered,
-        "eval_documents": tally.eval_documents,
+        "eval_documents": tally.documents["eval"],
+        "finetune_documents": tally.documents["finetune"],
+        "finetune_eval_documents": tally.documents["finetune_eval"],
         "tokens": tally.tokens,
         "packed_tokens": packed_tokens,
         "tokens_dropped_in_packing": tally.tokens - packed_tokens,
@@ -382,6 +404,20 @@ def _summary(counts: dict, times: Timings, inputs: readers.Inputs, seq_len: int,
         f"\nfiles not read: {_skipped_line(inputs.skipped) or 'none'}"
         f"\n{c['tokens']:,} tokens -> {seqs['train']:,} train + {seqs['eval']:,} eval sequences of "
         f"{seq_len} ({c['tokens_dropped_in_packing']:,} tail tokens dropped in packing); vocab {vocab:,}"
+        f"{_held_apart_line(c)}"
+    )
+
+
+def _held_apart_line(c: dict) -> str:
+    """The documents held apart for fine-tuning, when there are any (data.finetune_fraction > 0)."""
+    held = c["finetune_documents"] + c["finetune_eval_documents"]
+    if held == 0:
+        return ""
+    seqs = c["sequences"]
+    return (
+        f"\nheld apart for fine-tuning: {held:,} documents ({c['finetune_documents']:,} finetune + "
+        f"{c['finetune_eval_documents']:,} finetune_eval) -> {seqs['finetune']:,} finetune + "
+        f"{seqs['finetune_eval']:,} finetune_eval sequences"
     )
 
 

@@ -73,6 +73,9 @@ def test_contract_layout(curated):
             t = pq.read_table(storage.join(CuratedDir(curated).shards, shard["file"]))
             assert t.column_names == ["input_ids"] and t.num_rows == shard["rows"]
             assert set(pc.list_value_length(t["input_ids"]).to_pylist()) == {32}
+    for split in ("finetune", "finetune_eval"):  # finetune_fraction 0: nothing held apart, no shards
+        assert m["shards"][split] == [] and CuratedDir(curated).shard_files(split) == []
+        assert m["counts"]["sequences"][split] == 0 and m["counts"][f"{split}_documents"] == 0
     rows = [s["rows"] for s in m["shards"]["train"]]
     assert len(rows) > 1 and max(rows) - min(rows) <= 1, f"unbalanced shards {rows}"
     from transformers import AutoTokenizer

@@ -1,7 +1,7 @@
 import numpy as np
 import pyarrow as pa
 
-from raylm.pipelines.pack import eval_split, pack_group, pack_rows
+from raylm.pipelines.pack import assign_split, pack_group, pack_rows
 
 
 def test_pack_rows_is_exact_and_drops_only_the_tail():
@@ -27,6 +27,6 @@ def test_pack_stage_separates_splits_and_is_order_independent():
 
 def test_eval_split_is_a_stable_fraction():
     ids = pa.array([f"doc-{i}" for i in range(20000)])
-    split = eval_split(ids, 0.1).to_pylist()
+    split = assign_split(ids, 0.1).to_pylist()
     assert 0.09 < split.count("eval") / len(split) < 0.11
-    assert split == eval_split(ids, 0.1).to_pylist()
+    assert split == assign_split(ids, 0.1).to_pylist()
