@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from raylm.core.config import PlatformConfig, dump_config, load_config, shown
 from raylm.core.errors import ConfigError, RaylmError
-from raylm.core.stages import BY_NAME, STAGES
+from raylm.core.stages import BY_NAME, STAGES, Stage
 
 MAX_MESSAGE_LINES = 10  # an error is read at once; validation errors are already capped at five
 
@@ -45,6 +45,23 @@ def recipe_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=20 data.seq_len=256")
 
 
+def stage_arguments(stage: Stage) -> Callable[[argparse.ArgumentParser], None]:
+    """A stage verb's arguments: the recipe, overrides, and the stage's own switches."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        recipe_arguments(p)
+        for flag in stage.flags:
+            p.add_argument(
+                flag.name,
+                action="append_const",
+                const=flag.override,
+                dest="flag_overrides",
+                help=f"{flag.help} (= {flag.override})",
+            )
+
+    return add
+
+
 def preflight(cfg: PlatformConfig, stages: list[str]) -> None:
     """Stage checks that need no Ray (inputs exist, outputs may be written), before a cluster starts."""
     for name in stages:
@@ -67,7 +84,7 @@ def run_stages(cfg: PlatformConfig, stages: list[str]) -> None:
 
 
 def _run_recipe(args: argparse.Namespace) -> int:
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_config(args.recipe, [*args.overrides, *(getattr(args, "flag_overrides", None) or [])])
     run_stages(cfg, cfg.stages if args.verb == "run" else [args.verb])
     return 0
 
@@ -79,7 +96,7 @@ def _check_recipe(args: argparse.Namespace) -> int:
 
 VERBS: tuple[Verb, ...] = (
     Verb("run", "run every stage the recipe lists, in order", recipe_arguments, _run_recipe),
-    *(Verb(s.name, s.help, recipe_arguments, _run_recipe) for s in STAGES),
+    *(Verb(s.name, s.help, stage_arguments(s), _run_recipe) for s in STAGES),
     Verb(
         "check",
         "validate the recipe and print the resolved config; starts nothing",

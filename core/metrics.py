@@ -90,6 +90,26 @@ TRAIN_CHECKPOINT_SECONDS = declare(
     LATENCY_BOUNDARIES,
 )
 
+# ---- tuning --------------------------------------------------------------------------------------------
+TUNE_TRIALS = declare(
+    "raylm_tune_trials_total",
+    "counter",
+    "trials",
+    ("run", "status"),
+    "trials that ended, by status (completed, stopped early, error)",
+)
+TUNE_BEST_EVAL_LOSS = declare(
+    "raylm_tune_best_eval_loss", "gauge", "nats", ("run",), "best validation loss of a completed trial so far"
+)
+TUNE_TRIAL_SECONDS = declare(
+    "raylm_tune_trial_seconds",
+    "histogram",
+    "seconds",
+    ("run",),
+    "wall time of a trial, start to end",
+    (1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
+
 # ---- serving -------------------------------------------------------------------------------------------
 SERVE_QUEUE_WAIT_SECONDS = declare(
     "raylm_serve_queue_wait_seconds",

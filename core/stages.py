@@ -2,8 +2,8 @@
 
 A stage is a name (also its CLI verb and its entry in a recipe's `stages:`), the recipe section holding
 its config, the function that runs it (imported lazily, so `raylm check` never imports Ray or torch),
-an optional preflight that runs before Ray starts, where its output goes by default, and which
-upstream stage's output it reads when the recipe does not say. Adding a stage means adding a row here
+an optional preflight that runs before Ray starts, where its output goes by default, which upstream
+stages' outputs it reads when the recipe does not say, and switches of its verb. Adding a stage means adding a row here
 and writing the stage's own folder; nothing else in core/ changes.
 
 Verbs that are not stages (`raylm run`, `raylm check`, and later ones with arguments of their own, such
@@ -22,6 +22,29 @@ from raylm.core.schema import Section
 from raylm.pipelines.config import DataConfig
 from raylm.serving.config import ServeConfig
 from raylm.training.config import TrainConfig
+from raylm.tuning.config import TuneConfig
+
+
+@dataclass(frozen=True)
+class Input:
+    """A section field naming something a stage reads, filled from an upstream stage's output when unset."""
+
+    field: str
+    upstream: str
+    """The stage whose output the field defaults to."""
+    of: Callable[[str], str] = lambda output: output
+    """Maps the upstream output folder to the path read (train's export/, say)."""
+    optional: bool = False
+    """Linked only when the recipe has the upstream stage's section (serve reads a sweep if there is one)."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A stage verb's switch that stands for an override: `raylm tune R --resume` = `tune.resume=true`."""
+
+    name: str
+    help: str
+    override: str
 
 
 @dataclass(frozen=True)
@@ -42,12 +65,10 @@ class Stage:
     """The section field naming the stage's output folder, filled from `default_output` when unset."""
     default_output: Callable[[RunDir], str] | None = None
     """Where the output goes under run_dir by default."""
-    input_field: str | None = None
-    """The section field naming what the stage reads, filled from the upstream stage when unset."""
-    upstream: str | None = None
-    """The stage whose output `input_field` defaults to."""
-    input_of: Callable[[str], str] = lambda output: output
-    """Maps the upstream output folder to the path this stage reads (train's export/, say)."""
+    inputs: tuple[Input, ...] = ()
+    """What the stage reads, each defaulting to an upstream stage's output."""
+    flags: tuple[Flag, ...] = ()
+    """Switches of the stage's verb, each an override of its config."""
 
     def function(self, attr: str = "run") -> Callable[..., Any] | None:
         """The stage's run (or preflight) function, imported now."""
@@ -78,8 +99,24 @@ STAGES: tuple[Stage, ...] = (
         help="train a model on the curated shards (training/)",
         output_field="output",
         default_output=lambda run: run.train.root,
-        input_field="data_dir",
-        upstream="curate",
+        inputs=(Input("data_dir", "curate"),),
+    ),
+    Stage(
+        name="tune",
+        section="tune",
+        config=TuneConfig,
+        run="raylm.tuning.run:run",
+        preflight="raylm.tuning.run:preflight",
+        help="sweep LoRA and learning-rate hyperparameters with Ray Tune; best adapter to serving (tuning/)",
+        output_field="output",
+        default_output=lambda run: run.tune.root,
+        inputs=(
+            Input("model", "train", lambda output: TrainDir(output).export.root),
+            Input("data_dir", "curate"),
+        ),
+        flags=(
+            Flag("--resume", "continue a killed sweep in tune.output (Tuner.restore)", "tune.resume=true"),
+        ),
     ),
     Stage(
         name="serve",
@@ -88,9 +125,10 @@ STAGES: tuple[Stage, ...] = (
         run="raylm.serving.run:run",
         preflight="raylm.serving.run:preflight",
         help="serve the trained model behind an OpenAI-compatible API (serving/)",
-        input_field="model",
-        upstream="train",
-        input_of=lambda output: TrainDir(output).export.root,
+        inputs=(
+            Input("model", "train", lambda output: TrainDir(output).export.root),
+            Input("sweep", "tune", optional=True),
+        ),
     ),
 )
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
@@ -113,6 +151,9 @@ def link(cfg: Any, assign: Callable[[Section, str, Any], None]) -> None:
             continue
         if stage.output_field and getattr(section, stage.output_field) is None:
             assign(section, stage.output_field, output_of(stage, cfg))
-        if stage.input_field and getattr(section, stage.input_field) is None:
-            upstream = output_of(BY_NAME[stage.upstream], cfg)
-            assign(section, stage.input_field, stage.input_of(upstream))
+        for read in stage.inputs:
+            upstream = BY_NAME[read.upstream]
+            if read.optional and getattr(cfg, upstream.section) is None:
+                continue
+            if getattr(section, read.field) is None:
+                assign(section, read.field, read.of(output_of(upstream, cfg)))

@@ -27,6 +27,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raylm.core.artifacts import TuneDir
 from raylm.serving import api, sse
 from raylm.serving.config import BatchingConfig, ServeConfig
 from raylm.serving.engine import DEFAULT_CHAT_STOP, Delta, Engine, SamplingParams, check_adapter_dir
@@ -34,6 +35,7 @@ from raylm.serving.scheduler import AsyncEngine, GenerationRequest
 
 log = logging.getLogger("raylm")
 DEPLOYMENT_NAME = "LLMServer"
+SWEEP_BEST = "best"  # the adapter id of a sweep's best adapter (serve.sweep)
 # Prompts longer than this (characters, all of a request's together) are tokenized on a thread of their
 # own: a few ms of tokenizing inline is cheaper than the hop, seconds of it would stall every stream.
 INLINE_TOKENIZE_CHARS = 16_384
@@ -66,9 +68,19 @@ async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def adapter_catalog(cfg: ServeConfig) -> dict[str, str]:
-    """Adapter id -> folder, from adapters.paths and every adapter sub-folder of adapters.dirs."""
+    """Adapter id -> folder, from adapters.paths, every adapter sub-folder of adapters.dirs, and a sweep's
+    best adapter (as `best`) and ranked adapters."""
     catalog = dict(cfg.adapters.paths)
-    for root in cfg.adapters.dirs:
+    dirs = list(cfg.adapters.dirs)
+    if cfg.sweep is not None:
+        sweep = TuneDir(cfg.sweep)
+        if not os.path.isfile(os.path.join(sweep.best_adapter.root, "adapter_config.json")):
+            raise api.OpenAIError(
+                500, f"serve.sweep {cfg.sweep} has no best_adapter/: run `raylm tune` first"
+            )
+        catalog.setdefault(SWEEP_BEST, sweep.best_adapter.root)
+        dirs.append(sweep.adapters)
+    for root in dirs:
         if not os.path.isdir(root):
             raise api.OpenAIError(500, f"adapters dir {root} does not exist")
         for name in sorted(os.listdir(root)):

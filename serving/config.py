@@ -98,6 +98,9 @@ class ServeConfig(Section):
     """Dynamic batching (changeable at run time through Serve user_config)."""
     adapters: AdaptersConfig = AdaptersConfig()
     """LoRA adapters multiplexed on the base model."""
+    sweep: PathOrUri | None = None
+    """A tuning output whose adapters are served too: its best as `best`, and adapters/NN-<trial> by
+    folder name, best first; defaults to the tune stage's output when the recipe has a tune section."""
     num_replicas: Int | None = Field(1, ge=1)
     """Fixed number of replicas; set to null when autoscaling is used."""
     autoscaling: AutoscalingSection | None = None

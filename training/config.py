@@ -10,9 +10,11 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field, model_validator
 
+from raylm.core.artifacts import SPLITS
 from raylm.core.schema import Bool, Float, Int, PathOrUri, Section, Seed, reject_bool
 
 Beta = Annotated[Float, Field(ge=0, lt=1)]
+Split = Literal[SPLITS]  # type: ignore[valid-type]
 # Literal[1] would take `true` (True == 1), so the stage number refuses booleans like every number does.
 ZeroStage = Annotated[Literal[0, 1, 2, 3], BeforeValidator(reject_bool)]
 
@@ -73,6 +75,10 @@ class LoraConfig(Section):
     """Dropout on the adapter input."""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     """Names of the linear layers that get adapters."""
+    use_rslora: Bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r (Kalajdzievski, 2023)."""
+    use_dora: Bool = False
+    """DoRA: learn a magnitude per output and adapt the direction with LoRA (Liu et al., 2024)."""
     quantize_4bit: Bool = False
     """QLoRA: load the frozen base in bitsandbytes 4-bit NF4 (needs lora.enabled and model.path)."""
 
@@ -137,6 +143,10 @@ class CheckpointConfig(Section):
 class TrainConfig(Section):
     data_dir: PathOrUri | None = None
     """Curated data folder (shards/, tokenizer/, manifest.json); defaults to the curate stage's output."""
+    train_split: Split = "train"
+    """The curated split trained on (finetune: the part of the corpus held apart from pretraining)."""
+    eval_split: Split = "eval"
+    """The curated split evaluated on (finetune_eval goes with train_split finetune)."""
     output: PathOrUri | None = None
     """Output folder (checkpoints live under storage_path, export/ and manifest.json here); defaults to <run_dir>/train."""
     model: ModelConfig
@@ -193,7 +203,7 @@ class TrainConfig(Section):
                     "lora.quantize_4bit (QLoRA) cannot be combined with deepspeed.zero_stage 3: "
                     "4-bit weights cannot be partitioned; use zero_stage 0-2"
                 )
-            if self.model.path is None:
+            if self.model is not None and self.model.path is None:  # a tuning trial's model comes later
                 raise ValueError(
                     "lora.quantize_4bit (QLoRA) needs a pretrained model.path, not model.from_scratch"
                 )

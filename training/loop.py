@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from raylm.core import metrics
-from raylm.core.artifacts import CuratedDir
+from raylm.core import metrics, storage
+from raylm.core.artifacts import CuratedDir, TrainDir
 from raylm.training import checkpoint as ckpt
 from raylm.training import progress
 from raylm.training.config import TrainConfig
@@ -171,10 +171,12 @@ def setup(cfg: TrainConfig, config: dict[str, Any], rt: Runtime, t_start: float)
 
 
 def load_tokens(cfg: TrainConfig, rt: Runtime, seq_len: int) -> tuple[np.ndarray, np.ndarray | None]:
-    train_tokens = rt.dataset("train", cfg.data_dir)
+    train_tokens = rt.dataset(cfg.train_split, cfg.data_dir)
     if train_tokens is None or train_tokens.shape[1] != seq_len:
-        raise ValueError(f"train shards under {cfg.data_dir}/shards do not hold rows of seq_len={seq_len}")
-    return train_tokens, rt.dataset("eval", cfg.data_dir)
+        raise ValueError(
+            f"{cfg.train_split} shards under {cfg.data_dir}/shards do not hold rows of seq_len={seq_len}"
+        )
+    return train_tokens, rt.dataset(cfg.eval_split, cfg.data_dir)
 
 
 def resume_folder(config: dict[str, Any], rt: Runtime) -> AbstractContextManager[str | None]:
@@ -274,6 +276,7 @@ def step_row(run: TrainingRun, step: int, loss: float, grad_norm: float, step_ti
         "loss": loss,
         "lr": cfg.schedule.lr * run.lr_fn(step),
         "grad_norm": grad_norm,
+        "tokens": done * cfg.global_batch_size * run.seq_len,
         "tokens_per_s": tokens_per_s,
         "mfu": run.mfu(tokens_per_s),
         "step_time_s": step_time,
@@ -353,8 +356,28 @@ def evaluate(run: TrainingRun) -> dict[str, float]:
 # ---- end -------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def write_probe_logits(run: TrainingRun) -> None:
+    """The final model's logits on the first PROBE_TOKENS tokens of the first eval (else train) row, so a
+    loaded export (or a served adapter) can be compared with what training had in memory."""
+    from safetensors.torch import save
+
+    tokens = run.eval_tokens if run.eval_tokens is not None else run.train_tokens
+    x = torch.from_numpy(tokens[:1, :PROBE_TOKENS]).long().to(run.rt.device)
+    run.engine.eval()
+    logits = run.engine(input_ids=x).logits.float().cpu()
+    if run.rt.rank == 0:
+        probe = save({"input_ids": x.cpu(), "logits": logits.contiguous()})
+        storage.write_bytes(TrainDir(run.cfg.output).probe_logits, probe)
+
+
+PROBE_TOKENS = 32
+
+
 def finish(run: TrainingRun) -> None:
-    """Export (a collective under ZeRO-3), then metrics.jsonl and the loss curve from rank 0."""
+    """Probe logits and export (collectives under ZeRO-3), then metrics.jsonl and the loss curve from
+    rank 0."""
+    write_probe_logits(run)
     if run.cfg.export:
         from raylm.training.export import export_model
 

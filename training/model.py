@@ -92,6 +92,8 @@ def add_lora(model, lora: LoraConfig, activation_checkpointing: bool):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)

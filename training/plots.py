@@ -17,6 +17,11 @@ def write_history(history: list[dict[str, Any]], output: str) -> None:
     loss_curve(history, TrainDir(output).loss_curve)
 
 
+def read_history(uri: str) -> list[dict[str, Any]]:
+    """metrics.jsonl back as rows (json writes NaN as NaN, which json.loads reads)."""
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
 def loss_curve(history: list[dict[str, Any]], uri: str) -> None:
     import matplotlib
 

@@ -27,9 +27,9 @@ class TrainingFailed(RaylmError):
     """The training run ended with an error after its restarts were used up."""
 
 
-def read_curated(data_dir: str) -> dict[str, Any]:
-    """The curated folder's manifest, checked for what training needs."""
-    return CuratedDir(data_dir).validate("train.data_dir")
+def read_curated(data_dir: str, split: str = "train", key: str = "train.data_dir") -> dict[str, Any]:
+    """The curated folder's manifest, checked for what training needs (shards of the split it trains on)."""
+    return CuratedDir(data_dir).validate(key, split)
 
 
 def check_resume(resume_from: str | None, global_batch_size: int | None = None) -> str | None:
@@ -82,7 +82,9 @@ def loop_config(
     }
 
 
-def build_trainer(t: TrainConfig, config: dict[str, Any], datasets: dict[str, Any]):
+def build_trainer(t: TrainConfig, config: dict[str, Any], datasets: dict[str, Any], callbacks=(), loop=None):
+    """The TorchTrainer of a training run. A tuning trial passes Tune's report callback and its own
+    per-worker function (`loop`, default training/loop.py's train_loop_per_worker)."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -90,7 +92,7 @@ def build_trainer(t: TrainConfig, config: dict[str, Any], datasets: dict[str, An
     from raylm.training.loop import train_loop_per_worker
 
     return TorchTrainer(
-        train_loop_per_worker,
+        loop or train_loop_per_worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -101,6 +103,7 @@ def build_trainer(t: TrainConfig, config: dict[str, Any], datasets: dict[str, An
             storage_path=storage_path(t),
             failure_config=ray.train.FailureConfig(max_failures=t.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoint.keep_last),
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
         # Every worker sees the whole split in file order; training/data.py picks each rank's rows, so the
@@ -111,7 +114,7 @@ def build_trainer(t: TrainConfig, config: dict[str, Any], datasets: dict[str, An
     )
 
 
-def read_datasets(data_dir: str) -> dict[str, Any]:
+def read_datasets(data_dir: str, splits: tuple[str, ...] = ("train", "eval")) -> dict[str, Any]:
     """The token shards as Ray Datasets. They are read here with pyarrow and handed to Ray Data as Arrow
     blocks: a few bytes per token next to a model, and no read tasks that would compete with the training
     workers for CPUs or pay a worker start on every restart. Corpora beyond driver memory would swap this
@@ -120,7 +123,7 @@ def read_datasets(data_dir: str) -> dict[str, Any]:
     import ray.data
 
     datasets = {}
-    for split in ("train", "eval"):
+    for split in splits:
         files = shard_files(data_dir, split)
         if files:
             tables = []
@@ -150,7 +153,7 @@ def preflight(cfg: PlatformConfig) -> None:
 def run(cfg: PlatformConfig) -> dict[str, Any]:
     t = cfg.train
     seed = t.seed if t.seed is not None else cfg.seed
-    curated = read_curated(t.data_dir)
+    curated = read_curated(t.data_dir, t.train_split)
     resume_from = check_resume(t.checkpoint.resume_from, t.global_batch_size)
     preflight(cfg)  # again: run() is also called without the CLI (tests, notebooks)
     if storage.is_complete(t.output) and lineage.read_manifest(t.output).get("config") == dump_config(t):
@@ -161,7 +164,7 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
 
     # Metrics carry the recipe's name, as curation's do, so one dashboard filter follows a run.
     config = loop_config(t, seed, curated, resume_from, run_name=cfg.name)
-    trainer = build_trainer(t, config, read_datasets(t.data_dir))
+    trainer = build_trainer(t, config, read_datasets(t.data_dir, (t.train_split, t.eval_split)))
     from ray.train import TrainingFailedError
 
     # Ray Train installs a SIGINT handler for the run and leaves it in place afterwards; restoring the

@@ -14,7 +14,7 @@ def test_every_stage_has_a_section_a_verb_and_importable_functions():
         assert PlatformConfig.model_fields[stage.section].description == stage.help
         assert stage.name in verbs
         assert callable(stage.function("run")) and callable(stage.function("preflight"))
-        assert stage.upstream is None or stage.upstream in stages.BY_NAME
+        assert all(read.upstream in stages.BY_NAME for read in stage.inputs)
 
 
 def test_linking_follows_the_table(tmp_path):
@@ -73,8 +73,7 @@ def test_a_new_stage_row_is_enough_for_config_and_cli(monkeypatch):
         help="a stage added for this test",
         output_field="output",
         default_output=lambda run: f"{run.root}/probe",
-        input_field="data_dir",
-        upstream="curate",
+        inputs=(stages.Input("data_dir", "curate"),),
     )
     monkeypatch.setattr(stages, "STAGES", (*stages.STAGES, row))
     monkeypatch.setattr(stages, "BY_NAME", {**stages.BY_NAME, "probe": row})
