@@ -15,6 +15,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from raylm.cluster import check as cluster_check
+from raylm.cluster import submit
 from raylm.core.config import PlatformConfig, dump_config, load_config, shown
 from raylm.core.errors import ConfigError, RaylmError
 from raylm.core.stages import BY_NAME, STAGES, Stage
@@ -102,6 +104,18 @@ VERBS: tuple[Verb, ...] = (
         "validate the recipe and print the resolved config; starts nothing",
         recipe_arguments,
         _check_recipe,
+    ),
+    Verb(
+        "submit",
+        "run a stage as a Ray job on a cluster: validates the recipe and checks its paths first",
+        submit.add_arguments,
+        submit.main,
+    ),
+    Verb(
+        "cluster",
+        "cluster definitions: `cluster check FILE...` validates launcher YAMLs and KubeRay manifests",
+        cluster_check.add_arguments,
+        cluster_check.main,
     ),
 )
 
