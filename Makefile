@@ -41,6 +41,7 @@ bench: install  ## side-by-side benchmarks; JSON lands in .bench/, figures go to
 	$(BIN)/python benchmarks/train.py
 	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/tune.py
+	$(BIN)/python benchmarks/cluster.py
 
 clean:
 	rm -rf runs .bench .pytest_cache
