@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from raylm.cluster import check as cluster_check
-from raylm.cluster import submit
+from raylm.cluster import monitor, submit
 from raylm.core.config import PlatformConfig, dump_config, load_config, shown
 from raylm.core.errors import ConfigError, RaylmError
 from raylm.core.stages import BY_NAME, STAGES, Stage
@@ -116,6 +116,12 @@ VERBS: tuple[Verb, ...] = (
         "cluster definitions: `cluster check FILE...` validates launcher YAMLs and KubeRay manifests",
         cluster_check.add_arguments,
         cluster_check.main,
+    ),
+    Verb(
+        "monitor",
+        "run Prometheus (alert rules included) against the running Ray cluster; Ctrl-C stops it",
+        monitor.add_arguments,
+        monitor.main,
     ),
 )
 

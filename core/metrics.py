@@ -23,7 +23,9 @@ log = logging.getLogger("raylm")
 NAME = re.compile(r"^raylm_(curate|train|tune|serve)_[a-z0-9]+(_[a-z0-9]+)*$")
 UNIT_SUFFIX = {"seconds": "_seconds", "bytes": "_bytes"}  # the unit must end the name
 LATENCY_BOUNDARIES = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-BATCH_SIZE_BOUNDARIES = (1, 2, 4, 8, 16, 32, 64, 128)
+# Half-integer edges: Ray 2.60 exports a histogram's _sum from bucket midpoints, which these make exact
+# for batches of 1 and 2 (and close above); integer edges put a batch of 1 at 0.5.
+BATCH_SIZE_BOUNDARIES = (0.5, 1.5, 2.5, 4.5, 8.5, 16.5, 32.5, 64.5, 128.5)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,32 @@ CURATE_DOCUMENTS_OUT = declare(
 )
 CURATE_TOKENS = declare("raylm_curate_tokens", "gauge", "tokens", ("run",), "packed tokens written")
 CURATE_RUNS = declare("raylm_curate_runs_total", "counter", "runs", ("run",), "curation runs completed")
+CURATE_STAGE_DOCUMENTS_IN = declare(
+    "raylm_curate_stage_documents_in", "gauge", "documents", ("run", "stage"), "documents into each stage"
+)
+CURATE_STAGE_DOCUMENTS_OUT = declare(
+    "raylm_curate_stage_documents_out", "gauge", "documents", ("run", "stage"), "documents out of each stage"
+)
+CURATE_STAGE_SECONDS = declare(
+    "raylm_curate_stage_seconds", "gauge", "seconds", ("run", "stage"), "wall time of each timed phase"
+)
+CURATE_DROPPED_DOCUMENTS = declare(
+    "raylm_curate_dropped_documents",
+    "gauge",
+    "documents",
+    ("run", "stage", "reason"),
+    "documents dropped by the last curation, by the stage and reason that dropped them",
+)
+CURATE_DUPLICATE_RATIO = declare(
+    "raylm_curate_duplicate_ratio",
+    "gauge",
+    "ratio",
+    ("run",),
+    "exact and near duplicates removed over the documents that reached dedup",
+)
+CURATE_MEGABYTES_PER_SECOND = declare(
+    "raylm_curate_megabytes_per_second", "gauge", "MB/s", ("run",), "input MB over the run's wall time"
+)
 
 # ---- training ------------------------------------------------------------------------------------------
 TRAIN_LOSS = declare("raylm_train_loss", "gauge", "nats", ("run",), "training loss of the last step")
@@ -90,6 +118,24 @@ TRAIN_CHECKPOINT_SECONDS = declare(
     LATENCY_BOUNDARIES,
 )
 
+TRAIN_NONFINITE_LOSS_STEPS = declare(
+    "raylm_train_nonfinite_loss_steps_total",
+    "counter",
+    "steps",
+    ("run",),
+    "steps whose training loss was NaN or infinite (Ray does not export a gauge set to NaN)",
+)
+TRAIN_RESTARTS = declare(
+    "raylm_train_restarts_total", "counter", "restarts", ("run",), "attempts that resumed from a checkpoint"
+)
+TRAIN_STEPS_LOST = declare(
+    "raylm_train_steps_lost_total",
+    "counter",
+    "steps",
+    ("run",),
+    "steps redone after a restart: the previous attempt's last step minus the resumed step",
+)
+
 # ---- tuning --------------------------------------------------------------------------------------------
 TUNE_TRIALS = declare(
     "raylm_tune_trials_total",
@@ -100,6 +146,9 @@ TUNE_TRIALS = declare(
 )
 TUNE_BEST_EVAL_LOSS = declare(
     "raylm_tune_best_eval_loss", "gauge", "nats", ("run",), "best validation loss of a completed trial so far"
+)
+TUNE_TRIALS_RUNNING = declare(
+    "raylm_tune_trials_running", "gauge", "trials", ("run",), "trials started and not yet ended"
 )
 TUNE_TRIAL_SECONDS = declare(
     "raylm_tune_trial_seconds",
@@ -138,9 +187,40 @@ SERVE_BATCH_SIZE = declare(
 SERVE_TOKENS_GENERATED = declare(
     "raylm_serve_tokens_generated_total", "counter", "tokens", ("model",), "completion tokens generated"
 )
+SERVE_REQUESTS = declare(
+    "raylm_serve_requests_total",
+    "counter",
+    "requests",
+    ("route", "status"),
+    "HTTP requests, by route and status",
+)
+SERVE_INTER_TOKEN_LATENCY_SECONDS = declare(
+    "raylm_serve_inter_token_latency_seconds",
+    "histogram",
+    "seconds",
+    ("model",),
+    "time between two tokens of one sequence",
+    LATENCY_BOUNDARIES,
+)
+SERVE_TOKENS_PER_SECOND = declare(
+    "raylm_serve_tokens_per_second",
+    "gauge",
+    "tokens/s",
+    ("model",),
+    "tokens per second of the last decode step",
+)
+SERVE_ADAPTER_LOADS = declare(
+    "raylm_serve_adapter_loads_total", "counter", "loads", ("model",), "LoRA adapter loads, by adapter id"
+)
 
 
-def _ray_ready() -> bool:
+def exported_name(metric: Metric) -> str:
+    """The name Prometheus sees: Ray's metrics agent prefixes every application metric with `ray_`."""
+    return "ray_" + metric.name
+
+
+def ray_ready() -> bool:
+    """Whether this process is a Ray driver or worker (else record() does nothing)."""
     try:
         import ray
 
@@ -171,7 +251,7 @@ def record(metric: Metric, value: float, tags: dict[str, str]) -> None:
         raise ValueError(f"metric {metric.name} is not declared in core/metrics.py")
     if tuple(sorted(tags)) != metric.tag_keys:
         raise ValueError(f"metric {metric.name} takes tags {metric.tag_keys}, got {tuple(sorted(tags))}")
-    if not _ray_ready():
+    if not ray_ready():
         return
     handle = _ray_metric(metric)
     if metric.kind == "gauge":

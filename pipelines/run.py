@@ -30,7 +30,7 @@ from raylm.pipelines.filters import FILTER_REASONS, QualityFilter, reason_kind
 from raylm.pipelines.normalize import NORMALIZE_REASONS, Normalize, ScrubPII
 from raylm.pipelines.pack import add_bucket, assign_split, num_buckets, pack_group
 from raylm.pipelines.readers import READ_REASONS
-from raylm.pipelines.summary import StageRow, render_summary
+from raylm.pipelines.summary import StageRow, record_stages, render_summary
 from raylm.pipelines.tokenize import Tokenize, check_tokenizer_dir, load_tokenizer, train_tokenizer
 from raylm.pipelines.unique_ids import set_aside_later_claims
 from raylm.pipelines.write import write_shards, write_table
@@ -229,14 +229,32 @@ def run(cfg: PlatformConfig) -> dict:
         times.lap("tokenize_pack_write")
         counts = _write_manifest(staging, data, inputs, tally, times)
 
-    tags = {"run": cfg.name}
+    _record_metrics(cfg.name, counts, tally, times)
+    print(_summary(counts, times, inputs, data.seq_len, tally.vocab), flush=True)
+    log.info("curated data written to %s", out)
+    return read_manifest(out)
+
+
+def _record_metrics(run_name: str, counts: dict, tally: Tally, times: Timings) -> None:
+    """The run's tallies as the curation gauges of core/metrics.py (the same numbers as the manifest)."""
+    tags = {"run": run_name}
     metrics.record(metrics.CURATE_DOCUMENTS_IN, counts["documents_read"], tags)
     metrics.record(metrics.CURATE_DOCUMENTS_OUT, counts["after_near_dedup"], tags)
     metrics.record(metrics.CURATE_TOKENS, counts["packed_tokens"], tags)
     metrics.record(metrics.CURATE_RUNS, 1, tags)
-    print(_summary(counts, times, inputs, data.seq_len, tally.vocab), flush=True)
-    log.info("curated data written to %s", out)
-    return read_manifest(out)
+    record_stages(_stage_rows(counts, times), run_name)
+    duplicates = counts["after_filters"] - counts["after_near_dedup"]
+    metrics.record(metrics.CURATE_DUPLICATE_RATIO, duplicates / max(counts["after_filters"], 1), tags)
+    total_s = max(sum(times.seconds.values()), 1e-9)
+    metrics.record(metrics.CURATE_MEGABYTES_PER_SECOND, counts["input_bytes"] / 1e6 / total_s, tags)
+    read, norm, kept = drops_by_stage(tally.drops)
+    dedup = {
+        "exact dedup": {"exact_duplicate": counts["after_filters"] - counts["after_exact_dedup"]},
+        "near dedup": {"near_duplicate": counts["after_exact_dedup"] - counts["after_near_dedup"]},
+    }
+    for stage, drops in {"read": read, "normalize": norm, "quality filters": kept, **dedup}.items():
+        for reason, n in drops.items():
+            metrics.record(metrics.CURATE_DROPPED_DOCUMENTS, n, tags | {"stage": stage, "reason": reason})
 
 
 def _read_clean_filter(data: DataConfig, files, parts: int, staging: CuratedDir, tally: Tally):
@@ -390,8 +408,21 @@ def _counts(
 
 def _summary(counts: dict, times: Timings, inputs: readers.Inputs, seq_len: int, vocab: int) -> str:
     """The table printed at the end: documents in and out per stage, time and throughput."""
-    c, t = counts, times.seconds
-    rows = [
+    c = counts
+    rows = _stage_rows(counts, times)
+    seqs = c["sequences"]
+    return render_summary(rows, sum(times.seconds.values()), c["input_bytes"]) + (
+        f"\nfiles not read: {_skipped_line(inputs.skipped) or 'none'}"
+        f"\n{c['tokens']:,} tokens -> {seqs['train']:,} train + {seqs['eval']:,} eval sequences of "
+        f"{seq_len} ({c['tokens_dropped_in_packing']:,} tail tokens dropped in packing); vocab {vocab:,}"
+        f"{_held_apart_line(c)}"
+    )
+
+
+def _stage_rows(c: dict, times: Timings) -> list[StageRow]:
+    """Documents in and out of each stage, with the phase timings: the summary table and its gauges."""
+    t = times.seconds
+    return [
         StageRow("read", c["rows_read"], c["documents_read"], t["read_clean_filter"], c["input_bytes"]),
         StageRow("normalize", c["documents_read"], c["after_normalize"]),
         StageRow("quality filters", c["after_normalize"], c["after_filters"]),
@@ -399,13 +430,6 @@ def _summary(counts: dict, times: Timings, inputs: readers.Inputs, seq_len: int,
         StageRow("near dedup", c["after_exact_dedup"], c["after_near_dedup"], t["near_dedup_and_docs"]),
         StageRow("tokenize + pack", c["after_near_dedup"], c["after_near_dedup"], t["tokenize_pack_write"]),
     ]
-    seqs = c["sequences"]
-    return render_summary(rows, sum(t.values()), c["input_bytes"]) + (
-        f"\nfiles not read: {_skipped_line(inputs.skipped) or 'none'}"
-        f"\n{c['tokens']:,} tokens -> {seqs['train']:,} train + {seqs['eval']:,} eval sequences of "
-        f"{seq_len} ({c['tokens_dropped_in_packing']:,} tail tokens dropped in packing); vocab {vocab:,}"
-        f"{_held_apart_line(c)}"
-    )
 
 
 def _held_apart_line(c: dict) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from raylm.core import metrics
+
 
 @dataclass
 class StageRow:
@@ -26,3 +28,13 @@ def render_summary(rows: list[StageRow], total_s: float, total_bytes: int) -> st
     lines.append("-" * len(header))
     lines.append(f"{'total':<18}{'':>30}{total_s:>9.1f}{total_bytes / 1e6 / max(total_s, 1e-9):>8.2f}")
     return "\n".join(lines)
+
+
+def record_stages(rows: list[StageRow], run: str) -> None:
+    """The table's rows as the per-stage gauges of core/metrics.py."""
+    for r in rows:
+        tags = {"run": run, "stage": r.stage}
+        metrics.record(metrics.CURATE_STAGE_DOCUMENTS_IN, r.docs_in, tags)
+        metrics.record(metrics.CURATE_STAGE_DOCUMENTS_OUT, r.docs_out, tags)
+        if r.seconds is not None:
+            metrics.record(metrics.CURATE_STAGE_SECONDS, r.seconds, tags)

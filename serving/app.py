@@ -27,6 +27,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raylm.core import metrics
 from raylm.core.artifacts import TuneDir
 from raylm.serving import api, sse
 from raylm.serving.config import BatchingConfig, ServeConfig
@@ -41,6 +42,35 @@ SWEEP_BEST = "best"  # the adapter id of a sweep's best adapter (serve.sweep)
 INLINE_TOKENIZE_CHARS = 16_384
 
 fastapi_app = FastAPI(title="raylm", docs_url=None, redoc_url=None)
+
+
+class CountRequests:
+    """ASGI middleware: one count per HTTP request, by route template (unknown paths share "unmatched",
+    so probes cannot grow the series) and status; an exception no handler answered counts as a 500.
+    Plain ASGI, not BaseHTTPMiddleware, so streaming responses and client disconnects pass untouched."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_noting_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics.record(metrics.SERVE_REQUESTS, 1, {"route": route, "status": str(status)})
+
+
+fastapi_app.add_middleware(CountRequests)
 
 
 @fastapi_app.exception_handler(api.OpenAIError)

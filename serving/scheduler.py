@@ -57,6 +57,7 @@ class _Live:
     rows_left: int
     admitted: bool = False
     first_token: bool = False
+    last_token: float = 0.0  # when its latest token came (monotonic), for the inter-token latency
     tokens: int = 0
     closed: bool = False  # the consumer went away, or generation failed: its rows leave
 
@@ -90,6 +91,7 @@ class AdapterCache:
                     await asyncio.get_running_loop().run_in_executor(
                         self.executor, self.engine.load_adapter, name, self.catalog[name]
                     )
+                    metrics.record(metrics.SERVE_ADAPTER_LOADS, 1, {"model": name})
                 self.loaded[name] = None
                 self.loaded.move_to_end(name)
         except BaseException:
@@ -269,9 +271,14 @@ class AsyncEngine:
             for live, _ in await self._on_engine(self.engine.keep_rows, batch, keep):
                 self._retire(live, 1)
         if batch.seqs:
-            self._record_batch(len(batch.seqs), batch.adapter)
+            rows, t0 = len(batch.seqs), time.monotonic()
+            self._record_batch(rows, batch.adapter)
             try:
                 self._deliver(await self._on_engine(self.engine.step, batch))
+                rate = rows / max(time.monotonic() - t0, 1e-9)
+                metrics.record(
+                    metrics.SERVE_TOKENS_PER_SECOND, rate, {"model": batch.adapter or self.model_id}
+                )
             except Exception as exc:
                 self._fail(batch.tags, exc)
                 batch.seqs = []
@@ -296,12 +303,22 @@ class AsyncEngine:
                     {"model": live.request.model_id},
                 )
         for live, items in by_request.values():
+            self._token_gap(live, now)
             if not live.closed:
                 live.inbox.put_nowait(items)
             done = [d for _, d in items if d.finish_reason is not None]
             live.tokens += sum(d.completion_tokens for d in done)
             if done:
                 self._retire(live, len(done))
+
+    @staticmethod
+    def _token_gap(live: _Live, now: float) -> None:
+        """Time since the request's previous token (its rows decode in step, so one gap per step)."""
+        if live.last_token:
+            tags = {"model": live.request.model_id}
+            metrics.record(metrics.SERVE_INTER_TOKEN_LATENCY_SECONDS, now - live.last_token, tags)
+        if live.first_token:
+            live.last_token = now
 
     def _retire(self, live: _Live, rows: int) -> None:
         """`rows` of the request's sequences are over (finished, failed or dropped); the last one ends it."""

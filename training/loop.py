@@ -158,6 +158,7 @@ def setup(cfg: TrainConfig, config: dict[str, Any], rt: Runtime, t_start: float)
         history=list(resume.state.history) if resume else [],
     )
     run.last_eval = progress.latest_eval(run.history)
+    progress.emit_restart(run.run_name, run.attempt, start_step, rt.rank)
     run.setup_times = {
         "t_loop_start": t_start,
         "pg_s": t_pg - t_start,

@@ -48,8 +48,45 @@ def emit_metrics(reported: dict[str, Any], rank: int) -> None:
     for key, metric in GAUGES.items():
         if key in reported and math.isfinite(reported[key]):
             metrics.record(metric, reported[key], tags)
+    if not math.isfinite(reported["loss"]):  # cluster/monitoring/alerts.yml: RaylmTrainingLossNaN
+        metrics.record(metrics.TRAIN_NONFINITE_LOSS_STEPS, 1, tags)
     metrics.record(metrics.TRAIN_STEPS, 1, tags)
     metrics.record(metrics.TRAIN_STEP_SECONDS, reported["step_time_s"], tags)
+    _remember_last_step(reported["run"], int(reported["step"]))
+
+
+def emit_restart(run_name: str, attempt: int, resumed_step: int, rank: int) -> None:
+    """On a restart (attempt > 0, rank 0): count it, and the steps the previous attempt took past the
+    checkpoint it resumed from, which this attempt redoes."""
+    if rank != 0 or attempt == 0:
+        return
+    tags = {"run": run_name}
+    metrics.record(metrics.TRAIN_RESTARTS, 1, tags)
+    last = _recall_last_step(run_name)
+    if last is not None:
+        metrics.record(metrics.TRAIN_STEPS_LOST, max(0, last - resumed_step), tags)
+
+
+# The last step a run reached lives in the cluster's key-value store (GCS), so the next attempt, in new
+# worker processes, can tell how far the previous one got past its checkpoint. Outside Ray: nowhere.
+def _kv_key(run_name: str) -> bytes:
+    return f"raylm/train/{run_name}/last_step".encode()
+
+
+def _remember_last_step(run_name: str, step: int) -> None:
+    if metrics.ray_ready():
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_put(_kv_key(run_name), str(step).encode(), overwrite=True)
+
+
+def _recall_last_step(run_name: str) -> int | None:
+    if not metrics.ray_ready():
+        return None
+    from ray.experimental import internal_kv
+
+    value = internal_kv._internal_kv_get(_kv_key(run_name))
+    return int(value) if value else None
 
 
 def log_step(row: dict[str, Any], max_steps: int, log_every: int) -> None:

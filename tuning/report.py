@@ -139,9 +139,12 @@ class TrialLines(Callback):
         self.total, self.max_steps, self.scheduler, self.run = total, max_steps, scheduler, run
         self.done, self.best = 0, math.inf
         self.started: dict[str, float] = {}
+        self.running: set[str] = set()
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started.setdefault(trial.trial_id, time.time())
+        self.running.add(trial.trial_id)
+        metrics.record(metrics.TUNE_TRIALS_RUNNING, len(self.running), {"run": self.run})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._ended(trial, None)
@@ -151,6 +154,8 @@ class TrialLines(Callback):
 
     def _ended(self, trial, error) -> None:
         self.done += 1
+        self.running.discard(trial.trial_id)
+        metrics.record(metrics.TUNE_TRIALS_RUNNING, len(self.running), {"run": self.run})
         last = trial.last_result or {}
         status, reason = ended(last, error, self.max_steps, self.scheduler)
         loss = float(last.get("eval_loss", math.nan))
