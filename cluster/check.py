@@ -26,7 +26,8 @@ The checks live in check_launcher (launcher YAMLs), check_kuberay (KubeRay manif
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import os
+import stat
 from typing import Any
 
 import yaml
@@ -69,13 +70,17 @@ def main(args: argparse.Namespace) -> int:
 def check_file(path: str) -> tuple[list[str], list[Problem]]:
     """(kinds of the documents in the file, problems); a multi-document file prefixes paths with [doc N]."""
     try:
-        raw = Path(path).read_bytes()
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block, /dev/zero never end
+            return [], [Problem("", "format", "not a regular file")]
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
         if len(raw) > MAX_FILE_BYTES:  # a stray data file or log: not worth parsing in full
-            message = f"{len(raw)} bytes: larger than any cluster file ({MAX_FILE_BYTES})"
-            return [], [Problem("", "format", message)]
+            return [], [Problem("", "format", f"larger than any cluster file ({MAX_FILE_BYTES} bytes)")]
         docs = [d for d in yaml.safe_load_all(raw.decode("utf-8")) if d is not None]
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         return [], [Problem("", "format", f"cannot read: {str(exc).splitlines()[0]}")]
+    except RecursionError:
+        return [], [Problem("", "format", "nested too deeply to parse")]
     kinds, problems = [], []
     for i, doc in enumerate(docs or [None]):
         kind, found = check_document(doc)
@@ -88,9 +93,11 @@ def check_file(path: str) -> tuple[list[str], list[Problem]]:
 def check_document(doc: Any) -> tuple[str, list[Problem]]:
     """(what the document is, its problems): KubeRay by apiVersion, a launcher YAML by its top keys."""
     if isinstance(doc, dict) and "apiVersion" in doc:
-        if not str(doc.get("apiVersion")).startswith("ray.io/"):
+        if not isinstance(doc["apiVersion"], str):
+            return "kuberay", [Problem("apiVersion", "kuberay_schema", "apiVersion must be a string")]
+        if not doc["apiVersion"].startswith("ray.io/"):
             return "other", []  # a Secret or Service next to the cluster: Kubernetes' business
-        if doc.get("kind") not in KUBERAY_KINDS:
+        if not isinstance(doc.get("kind"), str) or doc.get("kind") not in KUBERAY_KINDS:
             message = f"kind {doc.get('kind')!r} is not one of {sorted(KUBERAY_KINDS)}"
             return "kuberay", [Problem("kind", "kuberay_schema", message)]
         return "kuberay", check_kuberay(doc) + list(token_in_file(doc))

@@ -179,6 +179,8 @@ def kuberay_dashboard_public(kind: str, spec: dict, spec_path: str) -> Iterator[
     head, path = as_dict(spec.get("headGroupSpec")), f"{spec_path}.headGroupSpec"
     yield from head_exposed(head, path)
     host = as_dict(head.get("rayStartParams")).get("dashboard-host", "0.0.0.0")
+    if not isinstance(host, str):
+        return  # the CRD schema check already reports a non-string rayStartParams value
     if kind == "RayCluster" and host not in LOOPBACK:
         yield Problem(
             f"{path}.rayStartParams.dashboard-host",

@@ -140,6 +140,8 @@ def parse_yaml(text: str, what: str) -> Any:
         raise ConfigError(f"{what} is not valid YAML: {_yaml_problem(exc)}") from None
     except RecursionError:
         raise ConfigError(f"{what} is nested too deeply to parse; refusing it") from None
+    except (ValueError, OverflowError) as exc:  # PyYAML builds ints and dates itself: 5000 digits, 2026-13-45
+        raise ConfigError(f"{what} holds a value that cannot be read: {shown(str(exc), 200)}") from None
     _check_expanded_size(value, what)
     return value
 

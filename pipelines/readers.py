@@ -297,6 +297,8 @@ def _json_document(f: InputFile, lineno: int, line: str) -> dict:
         return _reject(f.path, lineno, f"{MALFORMED_JSON}: {exc.msg}", line)
     except RecursionError:
         return _reject(f.path, lineno, f"{MALFORMED_JSON}: nested too deeply", line)
+    except ValueError as exc:  # an integer past sys.get_int_max_str_digits(): one bad line, not a failed run
+        return _reject(f.path, lineno, f"{MALFORMED_JSON}: {str(exc).split(':')[0]}", line)
     if not isinstance(obj, dict):
         return _reject(f.path, lineno, f"{NOT_AN_OBJECT}: a JSON {type(obj).__name__}", line)
     if f.text_field not in obj:
@@ -309,11 +311,12 @@ def _json_document(f: InputFile, lineno: int, line: str) -> dict:
 
 
 def read_jsonl(f: InputFile) -> Iterator[dict]:
-    lineno = 0
+    lineno, content = 0, False
     try:
         for lineno, raw in enumerate(_lines(_chunks(f.path)), start=1):
             if not raw.strip():
                 continue
+            content = True
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -325,7 +328,8 @@ def read_jsonl(f: InputFile) -> Iterator[dict]:
         lineno += 1
         reason = f"{TRUNCATED_FILE}: the compressed stream ends early; line {lineno} is incomplete"
         yield _reject(f.path, lineno, reason, exc.tail.decode("utf-8", errors="replace"))
-    if lineno == 0:
+        return
+    if not content:  # no bytes, or blank lines only: no document, and the reason says why
         yield _reject(f.path, 0, EMPTY_FILE)
 
 

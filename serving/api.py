@@ -11,9 +11,9 @@ import json
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4
 MAX_PROMPTS = 1024  # prompts in one completion request: a 4 MiB body could otherwise hold a million
@@ -23,6 +23,19 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 # A lone UTF-16 surrogate: Python strings can hold one (from a "\ud800" escape, or CESU-8 bytes that
 # json.loads decodes with surrogatepass), but no tokenizer and no UTF-8 response can carry it.
 _SURROGATE = re.compile("[\\ud800-\\udfff]")
+
+
+def _a_number(value: Any) -> Any:
+    """pydantic's lax mode would read `true` as 1 and "10" as 10; OpenAI's API refuses both."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    if isinstance(value, str):
+        raise ValueError("expected a number, not a string")
+    return value
+
+
+Number = BeforeValidator(_a_number)
+Switch = Strict()  # true or false only: "yes", 1 or 0.0 are refused, as OpenAI's API does
 
 
 class OpenAIError(Exception):
@@ -51,18 +64,24 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: Annotated[bool, Switch] = False
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=128)
+    max_tokens: Annotated[int | None, Number] = Field(None, ge=1)
+    temperature: Annotated[float, Number] = Field(1.0, ge=0, le=2)
+    top_p: Annotated[float, Number] = Field(1.0, gt=0, le=1)
+    n: Annotated[int, Number] = Field(1, ge=1, le=128)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    seed: Annotated[int | None, Number] = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stream: Annotated[bool, Switch] = False
+    stream_options: StreamOptions | None = None
     logprobs: Any = None
     user: str | None = None
 
@@ -87,13 +106,13 @@ class _Request(BaseModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def include_usage_in_stream(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
-    echo: bool = False
-    best_of: int | None = None
+    echo: Annotated[bool, Switch] = False
+    best_of: Annotated[int | None, Number] = None
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -136,7 +155,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Annotated[int | None, Number] = Field(None, ge=1)
     tools: list[Any] | None = None
 
     @model_validator(mode="after")
