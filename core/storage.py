@@ -87,6 +87,15 @@ def upload_dir(local_dir: str, uri: str) -> None:
                 write_bytes(f"{uri.rstrip('/')}/{rel}", f.read())
 
 
+def copy_tree(src: str, dst: str) -> None:
+    """Copy a folder's files into dst; either side may be local or remote."""
+    import pyarrow.fs as pafs
+
+    src_fs, src_path = filesystem(src)
+    dst_fs, dst_path = filesystem(dst)
+    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
 def local_dir(uri: str) -> str:
     """A local folder with the content of `uri`: the path itself when local, else a downloaded copy."""
     if not is_remote(uri):

@@ -56,7 +56,7 @@ def export_model(engine, tokenizer, cfg: TrainConfig, config: dict[str, Any], ra
             module.save_pretrained(tmp, state_dict=state, safe_serialization=True, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
         with outputs.staged_output(final, kind) as out:
-            _copy_tree(tmp, out)
+            storage.copy_tree(tmp, out)
             parents = [CuratedDir(cfg.data_dir).manifest]
             lineage.write_manifest(
                 out,
@@ -71,10 +71,3 @@ def export_model(engine, tokenizer, cfg: TrainConfig, config: dict[str, Any], ra
                 },
             )
     return final
-
-
-def _copy_tree(src: str, dst: str) -> None:
-    import pyarrow.fs as pafs
-
-    fs, path = storage.filesystem(dst)
-    pafs.copy_files(src, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

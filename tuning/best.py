@@ -33,12 +33,8 @@ def best_recipe(cfg: PlatformConfig, row: TrialRow, seed: int) -> str:
 
 def copy_export(src: ExportDir, dst: str, kind: str) -> None:
     """A trial's export into dst, replacing a previous sweep's copy (raylm's own output only)."""
-    import pyarrow.fs as pafs
-
     with outputs.staged_output(dst, kind) as staging:
-        fs, path = storage.filesystem(staging)
-        src_fs, src_path = storage.filesystem(src.root)
-        pafs.copy_files(src_path, path, source_filesystem=src_fs, destination_filesystem=fs)
+        storage.copy_tree(src.root, staging)
 
 
 def publish_best(cfg: PlatformConfig, best: list[TrialRow], setup: TrialSetup) -> dict[str, Any]:

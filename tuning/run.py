@@ -21,8 +21,6 @@ from raylm.tuning.spaces import check_modules, linear_module_groups
 
 log = logging.getLogger("raylm")
 
-DEFAULT_SAMPLES = 8
-
 
 class TuningFailed(RaylmError):
     """No trial of the sweep completed."""

@@ -145,7 +145,7 @@ def results_rows(results, t: TuneConfig, setup: TrialSetup) -> list[TrialRow]:
         curve: list[tuple[int, float]] = []
         if history is not None and METRIC in history:
             curve = [(int(s), float(v)) for s, v in zip(history["step"], history[METRIC], strict=True)]
-        params = {k: v for k, v in (result.config or {}).items()}
+        params = dict(result.config or {})
         trial_id = last.get("trial_id") or os.path.basename(result.path).split("_")[1]
         status = ended(last, result.error, t.trial.max_steps, t.scheduler.type)
         rows.append(trial_row(trial_id, last, curve, effective(setup, params), status))
