@@ -23,13 +23,24 @@ from raylm.cluster.check_rules import LOOPBACK, group_problems, misspelt_resourc
 
 DEFAULT_TOKEN_PATH = "~/.ray/auth_token"
 # Provider keys Ray 2.60's node providers and autoscaler read beyond the schema's own list (grep of
-# ray/autoscaler for provider_config reads); the schema lets any key through, so a typo would be ignored.
-PROVIDER_EXTRA_KEYS = {
-    "disable_launch_config_check", "disable_node_updaters", "use_node_id_as_ip", "foreground_node_launch",
-    "worker_liveness_check", "launch_multiple", "head_node_id", "gcs_address", "coordinator_address",
-    "external_head_ip", "use_external_head_ip", "key_pair", "aws_credentials", "shared_volume_dir",
-    "project_name", "image", "env_vars", "cleanup_interval", "head_resources",
+# ray/autoscaler for provider_config reads), with the JSON type each read expects: the schema lets any key
+# through, so a typo or a wrong type (`use_node_id_as_ip: "yes"`, truthy as a word) would pass unseen.
+PROVIDER_EXTRA_TYPES = {
+    "disable_launch_config_check": "boolean", "disable_node_updaters": "boolean",
+    "use_node_id_as_ip": "boolean", "foreground_node_launch": "boolean", "worker_liveness_check": "boolean",
+    "launch_multiple": "boolean", "use_external_head_ip": "boolean", "head_node_id": "string",
+    "gcs_address": "string", "coordinator_address": "string", "external_head_ip": "string",
+    "shared_volume_dir": "string", "project_name": "string", "image": "string", "key_pair": "object",
+    "aws_credentials": "object", "env_vars": "object", "head_resources": "object",
+    "cleanup_interval": "number",
 }  # fmt: skip
+PROVIDER_EXTRA_KEYS = set(PROVIDER_EXTRA_TYPES)
+# Types the schema leaves open: the on-prem provider ssh-es to each worker_ips entry, so each is a host.
+PROVIDER_TYPES = {
+    **{key: {"type": kind} for key, kind in PROVIDER_EXTRA_TYPES.items()},
+    "worker_ips": {"type": "array", "items": {"type": "string"}},
+}
+PROVIDER_TYPES_SCHEMA = {"properties": {"provider": {"properties": PROVIDER_TYPES}}}
 DASHBOARD_HOST = re.compile(r"--dashboard-host[=\s]+['\"]?([^\s'\";]+)")
 TOKEN_PATH_ASSIGNMENT = re.compile(r"RAY_AUTH_TOKEN_PATH=['\"]?([^\s'\";]+)")
 TOKEN_AUTH_MODE = re.compile(r"\bRAY_AUTH_MODE=['\"]?token\b")
@@ -40,6 +51,9 @@ def check_launcher(cfg: dict) -> list[Problem]:
     view = launcher_view(cfg)
     problems = ray_validation(cfg)
     problems += launcher_unknown_keys(cfg)
+    problems += schema_problems(
+        PROVIDER_TYPES_SCHEMA, {"provider": as_dict(cfg.get("provider"))}, "provider_type"
+    )
     problems += launcher_dashboard_public(cfg, view)
     if provider_type(cfg) != "fake_multinode":  # its nodes are started by the head, with its environment
         problems += launcher_token_auth(cfg, view)

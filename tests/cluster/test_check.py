@@ -80,6 +80,21 @@ MUTATIONS = [
         "ray_schema",
     ),
     ("aws-provider-typo", "aws", rename("provider.region", "regoin"), "provider.regoin", "unknown_key"),
+    # --- provider keys the schema leaves untyped
+    (
+        "onprem-worker-ip-mapping",
+        "onprem",
+        setp("provider.worker_ips[0]", {"host": "10.0.0.2"}),
+        "provider.worker_ips[0]",
+        "provider_type",
+    ),
+    (
+        "fake-flag-as-word",
+        "local-fake",
+        setp("provider.use_node_id_as_ip", "yes"),
+        "provider.use_node_id_as_ip",
+        "provider_type",
+    ),
     ("aws-auth-typo", "aws", rename("auth.ssh_user", "ssh_usr"), "auth.ssh_usr", "ray_schema"),
     (
         "aws-nodetype-typo",
