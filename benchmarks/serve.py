@@ -257,14 +257,15 @@ PEER_FLAGS = {
 
 
 def start_raylm(model_dir: str, cpus: int) -> dict[str, tuple[str, str]]:
-    """Both raylm variants as two Serve applications (each replica gets `cpus` CPUs; only one is busy at
-    a time)."""
+    """The raylm variants as Serve applications (each replica gets `cpus` CPUs; only one is busy at a
+    time), and `raylm_direct`: the batched LLMServer alone as the HTTP ingress, without the Gateway in
+    front (the topology before serving/gateway.py), to price the gateway's extra hop."""
     import ray
 
     from raylm.serving.config import ServeConfig
     from raylm.serving.run import start
 
-    ray.init(num_cpus=2 * cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=3 * cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
     systems = {}
     for name, batching in RAYLM_BATCHING.items():
@@ -276,7 +277,22 @@ def start_raylm(model_dir: str, cpus: int) -> dict[str, tuple[str, str]]:
             http={"port": port, "route_prefix": f"/{name}"},
         )
         systems[name] = (start(cfg, "bench"), "bench")
+    systems["raylm_direct"] = start_direct(model_dir, cpus, port)
     return systems
+
+
+def start_direct(model_dir: str, cpus: int, port: int) -> tuple[str, str]:
+    from ray import serve
+
+    from raylm.serving.app import LLMServer, deployment_options, init_config
+    from raylm.serving.config import ServeConfig
+
+    batching = RAYLM_BATCHING["raylm_batched"]
+    cfg = ServeConfig(model=model_dir, app_name="raylm_direct", num_cpus=cpus, batching=batching)
+    app = LLMServer.options(**deployment_options(cfg)).bind(init_config(cfg), "bench", [])
+    serve.run(app, name="raylm_direct", route_prefix="/raylm_direct", blocking=False)
+    wait_http(f"http://127.0.0.1:{port}/raylm_direct/health", 300)
+    return f"http://127.0.0.1:{port}/raylm_direct/v1", "bench"
 
 
 def start_peer(model_dir: str) -> tuple[dict[str, tuple[str, str]], list[subprocess.Popen]]:
@@ -329,7 +345,7 @@ def run_throughput(
         results: dict = {
             name: {c: summarise(c, runs) for c, runs in by_level.items()} for name, by_level in raw.items()
         }
-        for name in RAYLM_BATCHING:
+        for name in [*RAYLM_BATCHING, "raylm_direct"]:
             stats = serve.get_deployment_handle("LLMServer", app_name=name).stats.remote().result()
             results[name]["batch_sizes"] = stats["batch_sizes"]
             results[name]["packed_prefill"] = stats["packed_prefill"]
@@ -394,6 +410,7 @@ def ratios(results: dict, raw: dict, levels: dict[int, int]) -> dict:
             "batched_vs_unbatched_throughput": round(b["tokens_per_s"] / u["tokens_per_s"], 2),
             "batched_minus_unbatched_p50_ms": round(b["p50_ms"] - u["p50_ms"], 1),
             "paired_vs_raylm_unbatched": paired(raw, "raylm_batched", "raylm_unbatched", c),
+            "gateway_vs_direct": paired(raw, "raylm_batched", "raylm_direct", c),
         }
         for name in PEER_FLAGS:
             peer = results.get(name, {}).get(c)

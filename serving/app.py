@@ -1,7 +1,9 @@
-"""The Ray Serve deployment: OpenAI routes, authentication, request parsing and OpenAI-style errors.
+"""The Ray Serve deployments: OpenAI routes, authentication, request parsing and OpenAI-style errors.
 
-One deployment, `LLMServer`, is both the HTTP ingress (FastAPI) and the model replica, so a request costs
-no extra hop. Each replica holds one base model (engine.py) and one `AsyncEngine` (scheduler.py), which
+HTTP reaches the `Gateway` (gateway.py) first, which forwards each request to an `LLMServer` replica
+through a DeploymentHandle and answers for a replica that dies (503 + OpenAI error body, not Ray's
+plain-text 500). LLMServer holds the FastAPI routes and runs each forwarded request through them
+(`handle_http`). Each replica holds one base model (engine.py) and one `AsyncEngine` (scheduler.py), which
 owns the engine thread, the admission queue, the decode batches and the LoRA adapters. A route parses and
 validates the request, tokenizes it, and hands it to the engine as one `GenerationRequest`; the deltas
 come back per sequence, collected into one response or streamed as server-sent events (sse.py).
@@ -15,7 +17,7 @@ import hashlib
 import hmac
 import logging
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -32,6 +34,7 @@ from raylm.core.artifacts import TuneDir
 from raylm.serving import api, sse
 from raylm.serving.config import BatchingConfig, ServeConfig
 from raylm.serving.engine import DEFAULT_CHAT_STOP, Delta, Engine, SamplingParams, check_adapter_dir
+from raylm.serving.gateway import GATEWAY_MAX_ONGOING, Gateway, read_limited_body
 from raylm.serving.scheduler import AsyncEngine, GenerationRequest
 
 log = logging.getLogger("raylm")
@@ -40,6 +43,9 @@ SWEEP_BEST = "best"  # the adapter id of a sweep's best adapter (serve.sweep)
 # Prompts longer than this (characters, all of a request's together) are tokenized on a thread of their
 # own: a few ms of tokenizing inline is cheaper than the hop, seconds of it would stall every stream.
 INLINE_TOKENIZE_CHARS = 16_384
+
+# The routes, declared once: the Gateway counts a 503 it gives under the route it was meant for.
+COMPLETIONS, CHAT, MODELS, HEALTH = "/v1/completions", "/v1/chat/completions", "/v1/models", "/health"
 
 fastapi_app = FastAPI(title="raylm", docs_url=None, redoc_url=None)
 
@@ -121,6 +127,25 @@ def adapter_catalog(cfg: ServeConfig) -> dict[str, str]:
     return catalog
 
 
+def asgi_scope(meta: dict[str, Any]) -> dict[str, Any]:
+    """An ASGI HTTP scope for a request the Gateway forwarded (gateway.request_meta). Defined above
+    LLMServer on purpose: Serve pickles the class when it is decorated, with the globals defined by then."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "scheme": "http",
+        "method": meta["method"],
+        "path": meta["path"],
+        "raw_path": meta["path"].encode(),
+        "root_path": "",
+        "query_string": meta["query_string"],
+        "headers": meta["headers"],
+        "client": None,
+        "server": None,
+    }
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -183,6 +208,39 @@ class LLMServer:
         }
 
     # ---- request handling ---------------------------------------------------------------------
+    async def handle_http(self, meta: dict[str, Any], body: bytes) -> AsyncIterator[Any]:
+        """One request forwarded by the Gateway, run through this replica's routes: yields the response
+        start ({"status", "headers"}), then the body chunks as the app sends them. Closing the generator
+        (the client went away) cancels the route, whose stream then leaves the running batch."""
+        messages: asyncio.Queue = asyncio.Queue()
+        scope, app, never = asgi_scope(meta), self.app, asyncio.Event()
+        received = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal received
+            if not received:
+                received = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await never.wait()  # no disconnect to report: cancellation ends the request
+            return {"type": "http.disconnect"}
+
+        async def run() -> None:
+            try:
+                await app(scope, receive, messages.put)
+            finally:
+                messages.put_nowait(None)
+
+        task = asyncio.create_task(run())
+        try:
+            while (message := await messages.get()) is not None:
+                if message["type"] == "http.response.start":
+                    yield {"status": message["status"], "headers": message.get("headers", [])}
+                elif message.get("body"):
+                    yield message["body"]
+            await task  # raises what the app raised
+        finally:
+            task.cancel()
+
     def _authorize(self, request: Request) -> None:
         if not self.key_hashes:
             return
@@ -196,27 +254,9 @@ class LLMServer:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    async def _read_body(self, request: Request) -> bytes:
-        """The body, refused with a 413 once it is known to pass http.max_request_bytes: from Content-Length
-        before reading any of it, else (chunked) as soon as the running count passes the limit."""
-        limit = self.cfg.http.max_request_bytes
-        too_large = api.OpenAIError(
-            413, f"request body is larger than {limit} bytes", code="request_too_large"
-        )
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:  # a malformed one is uvicorn's to refuse
-            raise too_large
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     async def _parse(self, request: Request, model: type[api._Request]) -> Any:
         self._authorize(request)
-        body = api.parse_body(await self._read_body(request))
+        body = api.parse_body(await read_limited_body(request, self.cfg.http.max_request_bytes))
         try:
             req = model.model_validate(body)
         except ValidationError as exc:
@@ -319,14 +359,14 @@ class LLMServer:
         body = api.chat_body if chat else api.completion_body
         return body(rid, req.model, texts, reasons, prompt_tokens, tokens)
 
-    @fastapi_app.post("/v1/completions")
+    @fastapi_app.post(COMPLETIONS)
     async def completions(self, request: Request) -> Any:
         req: api.CompletionRequest = await self._parse(request, api.CompletionRequest)
         prompts = await self._encode(req.prompts(), "prompt")
         gen = self._generation(req, prompts, req.stop_list())
         return await self._respond(req, gen, sum(len(p) for p in prompts), chat=False)
 
-    @fastapi_app.post("/v1/chat/completions")
+    @fastapi_app.post(CHAT)
     async def chat_completions(self, request: Request) -> Any:
         req: api.ChatCompletionRequest = await self._parse(request, api.ChatCompletionRequest)
         try:
@@ -340,12 +380,12 @@ class LLMServer:
         gen = self._generation(req, prompts, stop)
         return await self._respond(req, gen, len(prompts[0]), chat=True)
 
-    @fastapi_app.get("/v1/models")
+    @fastapi_app.get(MODELS)
     async def models(self, request: Request) -> Any:
         self._authorize(request)
         return api.models_body([self.model_id, *sorted(self.catalog)])
 
-    @fastapi_app.get("/health")
+    @fastapi_app.get(HEALTH)
     async def health(self) -> Any:
         return {"status": "ok", "model": self.model_id}
 
@@ -366,10 +406,29 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
     return options
 
 
+def gateway_options(cfg: ServeConfig) -> dict[str, Any]:
+    """The Gateway runs as many replicas as LLMServer (or scales between the same bounds, never below one:
+    it must be there to wake LLMServer from zero): no CPUs."""
+    options: dict[str, Any] = {"max_ongoing_requests": GATEWAY_MAX_ONGOING}
+    if cfg.autoscaling is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": max(1, cfg.autoscaling.min_replicas),
+            "max_replicas": cfg.autoscaling.max_replicas,
+            "target_ongoing_requests": GATEWAY_MAX_ONGOING // 2,
+        }
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    return options
+
+
 def build_app(cfg: ServeConfig, model_id: str, api_key_sha256: list[str] | None = None) -> Application:
-    """The Serve application for a config: one LLMServer deployment."""
-    return LLMServer.options(**deployment_options(cfg)).bind(
+    """The Serve application for a config: the Gateway ingress in front of the LLMServer replicas."""
+    server = LLMServer.options(**deployment_options(cfg)).bind(
         init_config(cfg), model_id, list(api_key_sha256 or [])
+    )
+    routes = [COMPLETIONS, CHAT, MODELS, HEALTH]
+    return Gateway.options(**gateway_options(cfg)).bind(
+        server, cfg.http.max_request_bytes, cfg.retry_after_s, routes
     )
 
 

@@ -74,7 +74,7 @@ class Load(threading.Thread):
 
 
 def replica_pids(raylet: int) -> list[int]:
-    return processes_under(raylet, f"ServeReplica:{APP}:")
+    return processes_under(raylet, f"ServeReplica:{APP}:LLMServer")
 
 
 def healthy(client, url: str, replicas: int, raylet: int, gone: int | None = None) -> bool:
