@@ -38,12 +38,11 @@ from raylm.core.artifacts import TrainDir  # noqa: E402
 def make_curated(out: Path, seq_len: int, rows: int, vocab: int = 2048) -> str:
     """A curated folder (pipelines/ contract) from generated text: tokenizer + packed train/eval shards."""
     import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from raylm.core import lineage, storage
+    from raylm.core import lineage
     from raylm.core.artifacts import CURATED, CuratedDir
     from raylm.pipelines.tokenize import train_tokenizer
+    from raylm.pipelines.write import write_token_split
     from tests.synthetic import sample_text
 
     rng = random.Random(0)
@@ -58,10 +57,7 @@ def make_curated(out: Path, seq_len: int, rows: int, vocab: int = 2048) -> str:
     Path(curated.shards).mkdir(parents=True)
     n_eval = max(8, rows // 20)
     for split, part in (("train", data[n_eval:]), ("eval", data[:n_eval])):
-        pq.write_table(
-            pa.table({"input_ids": pa.array(list(part), type=pa.list_(pa.int32()))}),
-            storage.join(curated.shards, CuratedDir.shard_name(split, 0)),
-        )
+        write_token_split(curated.shards, split, part, vocab_size=len(tok))
     lineage.write_manifest(
         curated.root,
         CURATED,
@@ -162,7 +158,7 @@ def run_torchrun(data_dir: str, out: Path, seq_len: int, nproc: int = 2, **over)
 
 
 def run_ray(data_dir: str, out: Path, seq_len: int, kill_after: str | None = None) -> dict:
-    from raylm.training.run import build_trainer, loop_config, read_datasets, storage_path
+    from raylm.training.run import build_trainer, loop_config, storage_path
 
     t = train_cfg(data_dir, out)
     config = loop_config(t, 0, {"seq_len": seq_len}, None)
@@ -173,7 +169,7 @@ def run_ray(data_dir: str, out: Path, seq_len: int, kill_after: str | None = Non
 
         watcher, sent = signal_after_checkpoints([(f"{storage_path(t)}/run/{kill_after}", signal.SIGKILL)])
     t0 = time.time()
-    build_trainer(t, config, read_datasets(data_dir)).fit()
+    build_trainer(t, config).fit()
     result = summarize(read_history(out), t0) | {"wall_s": time.time() - t0}
     if kill_after:
         watcher.join(5)

@@ -156,14 +156,10 @@ def pack(tok, texts: list[str], seq_len: int, rows: int):
     return np.asarray(ids[: rows * seq_len], dtype=np.int32).reshape(rows, seq_len)
 
 
-def write_split(curated, split: str, rows) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def write_split(curated, split: str, rows, vocab_size: int) -> None:
+    from raylm.pipelines.write import write_token_split
 
-    from raylm.core import storage
-
-    table = pa.table({"input_ids": pa.array(list(rows), type=pa.list_(pa.int32()))})
-    pq.write_table(table, storage.join(curated.shards, curated.shard_name(split, 0)))
+    write_token_split(curated.shards, split, rows, vocab_size=vocab_size)
 
 
 def make_data(work: Path, plan: Plan, seq_len: int) -> tuple[str, dict]:
@@ -185,7 +181,7 @@ def make_data(work: Path, plan: Plan, seq_len: int) -> tuple[str, dict]:
         "finetune_eval": pack(tok, b[:held_b], seq_len, plan.eval_batches * plan.batch),
     }
     for split, rows in splits.items():
-        write_split(curated, split, rows)
+        write_split(curated, split, rows, len(tok))
     counts = {f"{k}_sequences": len(v) for k, v in splits.items()}
     lineage.write_manifest(curated.root, CURATED, {}, seq_len=seq_len, vocab_size=len(tok), counts=counts)
     words = {"A": sum(len(t.split()) for t in a), "B": sum(len(t.split()) for t in b)}
@@ -253,10 +249,9 @@ def base_loss_on_b(model: str, data_dir: str) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raylm.core.artifacts import CuratedDir
-    from raylm.training.data import tokens_from_files
+    from raylm.training.data import TokenShards
 
-    rows = tokens_from_files(CuratedDir(data_dir).shard_files("finetune_eval"))
+    rows = TokenShards.open(data_dir, "finetune_eval")[:]
     m = AutoModelForCausalLM.from_pretrained(model).eval()
     with torch.no_grad():
         x = torch.from_numpy(rows).long()

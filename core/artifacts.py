@@ -6,7 +6,8 @@ s3:// / gs:// URI) and names its parts; `validate()` raises InputError naming wh
 
     run_dir/                      RunDir
       curated/                    CuratedDir  (raylm curate)
-        shards/{split}-NNNNN.parquet, tokenizer/, docs/, dedup/clusters.parquet, rejects/, manifest.json
+        shards/{split}-NNNNN.bin + {split}.index.json (token shards, see CuratedDir), tokenizer/, docs/,
+        dedup/clusters.parquet, rejects/, manifest.json
       train/                      TrainDir    (raylm train)
         checkpoints/, export/ (ExportDir), metrics.jsonl, loss_curve.png, probe_logits.safetensors,
         manifest.json
@@ -33,6 +34,37 @@ EXPORT_MODEL, EXPORT_ADAPTER = "model", "adapter"
 # tuning (`data.finetune_fraction`), with its own validation split.
 SPLITS = ("train", "eval", "finetune", "finetune_eval")
 CLUSTERS_FILE = "clusters.parquet"
+# The token shard format; a reader refuses an index of another format rather than misreading it.
+TOKEN_FORMAT = "raylm-tokens-1"
+
+
+def token_dtype(max_token_id: int) -> str:
+    """The narrowest dtype that holds every id up to max_token_id: uint16 for vocabularies < 65536
+    (as nanoGPT and Megatron store them), uint32 otherwise. Little-endian on disk, whatever the host."""
+    return "uint16" if max_token_id < 2**16 else "uint32"
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """What a reader needs to find any row of a split without reading token data: shards/<split>.index.json.
+    Each shard is raw little-endian token ids, row-major [rows, seq_len], of its own dtype."""
+
+    seq_len: int
+    shards: list[dict[str, Any]]
+    """[{"file": "train-00000.bin", "rows": n, "dtype": "uint16" | "uint32"}, ...] in row order."""
+
+    @property
+    def rows(self) -> int:
+        return sum(int(s["rows"]) for s in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": TOKEN_FORMAT, "seq_len": self.seq_len, "rows": self.rows, "shards": self.shards}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any], where: str) -> ShardIndex:
+        if doc.get("format") != TOKEN_FORMAT:
+            raise InputError(f"{where}: token shard format {doc.get('format')!r}, expected {TOKEN_FORMAT!r}")
+        return cls(int(doc["seq_len"]), list(doc["shards"]))
 
 
 @dataclass(frozen=True)
@@ -71,15 +103,33 @@ class CuratedDir:
 
     @staticmethod
     def shard_name(split: str, index: int) -> str:
-        return f"{split}-{index:05d}.parquet"
+        return f"{split}-{index:05d}.bin"
+
+    @staticmethod
+    def index_name(split: str) -> str:
+        return f"{split}.index.json"
+
+    def shard_index_path(self, split: str) -> str:
+        return join(self.shards, self.index_name(split))
+
+    def shard_index(self, split: str) -> ShardIndex | None:
+        """The split's shard index; None when the split has no shards. A folder curated in the old
+        parquet format is an InputError: loading it whole is what this format exists to avoid."""
+        path = self.shard_index_path(split)
+        if storage.exists(path):
+            return ShardIndex.from_json(storage.read_json(path), path)
+        if storage.list_files(self.shards, ".parquet"):
+            raise InputError(
+                f"curated folder {self.root} holds token shards in the old parquet format "
+                "(shards/*.parquet), which training no longer reads: delete the folder and re-run "
+                "`raylm curate` to write it in the current format"
+            )
+        return None
 
     def shard_files(self, split: str) -> list[str]:
-        """The shards of one split, in order."""
-        return [
-            f
-            for f in storage.list_files(self.shards, ".parquet")
-            if f.rsplit("/", 1)[-1].startswith(f"{split}-")
-        ]
+        """The shards of one split, in row order (none when the split has none)."""
+        index = self.shard_index(split)
+        return [join(self.shards, s["file"]) for s in index.shards] if index else []
 
     def validate(self, key: str = "train.data_dir", split: str = "train") -> dict[str, Any]:
         """The manifest of a complete curated folder with what training needs (shards of `split`);
@@ -98,7 +148,7 @@ class CuratedDir:
             hint = (
                 " (held-apart splits need data.finetune_fraction > 0)" if split.startswith("finetune") else ""
             )
-            raise InputError(f"{key} {self.root} has no shards/{split}-*.parquet{hint}")
+            raise InputError(f"{key} {self.root} has no shards/{self.index_name(split)}{hint}")
         if not storage.exists(self.tokenizer):
             raise InputError(f"{key} {self.root} has no tokenizer/ folder")
         return manifest

@@ -163,7 +163,7 @@ class DataConfig(Section):
     finetune_eval_fraction: Float = Field(0.1, gt=0, lt=1)
     """Share of the held-apart documents written to finetune_eval, the validation split that tuning scores trials on."""
     rows_per_shard: Int = Field(4096, ge=1)
-    """Packed sequences per parquet shard (shards are balanced to within one row)."""
+    """Packed sequences per token shard (shards are balanced to within one row)."""
     write_rejects: Bool = True
     """Write the rows that filters drop to rejects/ with their reason (malformed input is always written)."""
     batch_size: Int = Field(512, ge=1)

@@ -7,9 +7,10 @@ such as ASHA sees each step): Ray Train's calls ray.train.report, torchrun's kee
 folders (training/torchrun.py), a Tune trial passes its own. `checkpoint_dir` is set on checkpoint
 steps and exists only during the call.
 
-One step: every rank takes its share of the global batch (training/data.py), runs `grad_accum` micro
-batches through the DeepSpeed engine, and the ranks then agree (one all-reduce) on whether to stop early
-(SIGTERM, or Ray's preemption notice). Evaluation runs every `eval_every` steps and at the end. A stop
+One step: every rank reads its share of the global batch from the token shards (training/data.py; the
+next step's share is read ahead while this one computes), runs `grad_accum` micro batches through the
+DeepSpeed engine, and the ranks then agree (one all-reduce) on whether to stop early (SIGTERM, or Ray's
+preemption notice). Evaluation runs every `eval_every` steps and at the end. A stop
 takes a checkpoint at that step boundary and raises `Preempted`, so Ray Train's FailureConfig restarts
 the group from that checkpoint and no step is lost.
 """
@@ -24,7 +25,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from raylm.core import metrics, storage
@@ -32,7 +32,7 @@ from raylm.core.artifacts import CuratedDir, TrainDir
 from raylm.training import checkpoint as ckpt
 from raylm.training import progress
 from raylm.training.config import TrainConfig
-from raylm.training.data import GlobalSampler
+from raylm.training.data import GlobalSampler, TokenShards
 from raylm.training.deepspeed import ds_config
 from raylm.training.mfu import Mfu, mfu_meter
 from raylm.training.model import build_model, cosine_lr_lambda, count_params, param_groups
@@ -56,8 +56,8 @@ class TrainingRun:
     seed: int
     seq_len: int
     tokenizer: Any
-    train_tokens: np.ndarray
-    eval_tokens: np.ndarray | None
+    train_tokens: TokenShards
+    eval_tokens: TokenShards | None
     sampler: GlobalSampler
     engine: Any
     lr_fn: Callable[[int], float]
@@ -66,6 +66,7 @@ class TrainingRun:
     attempt: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     setup_times: dict[str, float] = field(default_factory=dict)
+    data_wait_s: float = 0.0  # of the last step: this rank's wait for its rows (part of step_time_s)
     last_eval: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -91,6 +92,7 @@ def train(config: dict[str, Any], rt: Runtime, report: Report) -> list[dict[str,
     history (one row per step, since the first step of the first attempt)."""
     t_start = time.time()
     cfg = TrainConfig.model_validate(config["train"])
+    run = None
     try:
         rt.start(cfg.use_gpu)
         run = setup(cfg, config, rt, t_start)
@@ -105,6 +107,10 @@ def train(config: dict[str, Any], rt: Runtime, report: Report) -> list[dict[str,
         finish(run)
         return run.history
     finally:
+        if run is not None:  # the read-ahead thread and open shard files
+            run.train_tokens.close()
+            if run.eval_tokens is not None:
+                run.eval_tokens.close()
         rt.close()
 
 
@@ -171,7 +177,8 @@ def setup(cfg: TrainConfig, config: dict[str, Any], rt: Runtime, t_start: float)
     return run
 
 
-def load_tokens(cfg: TrainConfig, rt: Runtime, seq_len: int) -> tuple[np.ndarray, np.ndarray | None]:
+def load_tokens(cfg: TrainConfig, rt: Runtime, seq_len: int) -> tuple[TokenShards, TokenShards | None]:
+    """The train and eval splits' shards, opened (their index read), not loaded."""
     train_tokens = rt.dataset(cfg.train_split, cfg.data_dir)
     if train_tokens is None or train_tokens.shape[1] != seq_len:
         raise ValueError(
@@ -254,10 +261,14 @@ def optimizer_step(run: TrainingRun, step: int) -> tuple[float, float, float]:
     t0 = time.perf_counter()
     engine, mb, rt = run.engine, run.cfg.micro_batch_size, run.rt
     engine.train()
-    rows = run.sampler.rank_rows(step, rt.rank, rt.world)
+    wait_before = run.train_tokens.wait_s
+    batch = run.train_tokens[run.sampler.rank_rows(step, rt.rank, rt.world)]  # read ahead last step
+    if step + 1 < run.cfg.max_steps:
+        run.train_tokens.prefetch(run.sampler.rank_rows(step + 1, rt.rank, rt.world))
+    run.data_wait_s = run.train_tokens.wait_s - wait_before
     losses = []
     for m in range(run.accum):
-        x = torch.from_numpy(run.train_tokens[rows[m * mb : (m + 1) * mb]]).long().to(rt.device)
+        x = torch.from_numpy(batch[m * mb : (m + 1) * mb]).long().to(rt.device)
         loss = engine(input_ids=x, labels=x).loss
         engine.backward(loss)
         engine.step()
@@ -281,6 +292,7 @@ def step_row(run: TrainingRun, step: int, loss: float, grad_norm: float, step_ti
         "tokens_per_s": tokens_per_s,
         "mfu": run.mfu(tokens_per_s),
         "step_time_s": step_time,
+        "data_wait_s": run.data_wait_s,
         "t_wall": time.time(),
         "attempt": run.attempt,
         "world_size": run.rt.world,

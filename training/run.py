@@ -18,7 +18,6 @@ from raylm.core.config import PlatformConfig, dump_config
 from raylm.core.errors import InputError, RaylmError
 from raylm.training import checkpoint as ckpt
 from raylm.training.config import TrainConfig
-from raylm.training.data import shard_files
 
 log = logging.getLogger("raylm")
 
@@ -82,11 +81,14 @@ def loop_config(
     }
 
 
-def build_trainer(t: TrainConfig, config: dict[str, Any], datasets: dict[str, Any], callbacks=(), loop=None):
+def build_trainer(t: TrainConfig, config: dict[str, Any], callbacks=(), loop=None):
     """The TorchTrainer of a training run. A tuning trial passes Tune's report callback and its own
-    per-worker function (`loop`, default training/loop.py's train_loop_per_worker)."""
+    per-worker function (`loop`, default training/loop.py's train_loop_per_worker).
+
+    No Ray Data dataset goes with it: every worker reads the rows of its own batches from the curated
+    folder (config["train"]["data_dir"], a path or URI every node reaches; training/data.py), so the
+    driver never reads token data and no worker holds a whole split."""
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raylm.training.loop import train_loop_per_worker
@@ -105,33 +107,7 @@ def build_trainer(t: TrainConfig, config: dict[str, Any], datasets: dict[str, An
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoint.keep_last),
             callbacks=list(callbacks),
         ),
-        datasets=datasets,
-        # Every worker sees the whole split in file order; training/data.py picks each rank's rows, so the
-        # order depends only on the seed (not on Ray Data's dynamic split) and survives a change of workers.
-        dataset_config=ray.train.DataConfig(
-            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
-        ),
     )
-
-
-def read_datasets(data_dir: str, splits: tuple[str, ...] = ("train", "eval")) -> dict[str, Any]:
-    """The token shards as Ray Datasets. They are read here with pyarrow and handed to Ray Data as Arrow
-    blocks: a few bytes per token next to a model, and no read tasks that would compete with the training
-    workers for CPUs or pay a worker start on every restart. Corpora beyond driver memory would swap this
-    for `ray.data.read_parquet(files)` (same rows, same order with preserve_order)."""
-    import pyarrow.parquet as pq
-    import ray.data
-
-    datasets = {}
-    for split in splits:
-        files = shard_files(data_dir, split)
-        if files:
-            tables = []
-            for f in files:
-                fs, path = storage.filesystem(f)
-                tables.append(pq.read_table(path, columns=["input_ids"], filesystem=fs))
-            datasets[split] = ray.data.from_arrow(tables)
-    return datasets
 
 
 def preflight(cfg: PlatformConfig) -> None:
@@ -164,7 +140,7 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
 
     # Metrics carry the recipe's name, as curation's do, so one dashboard filter follows a run.
     config = loop_config(t, seed, curated, resume_from, run_name=cfg.name)
-    trainer = build_trainer(t, config, read_datasets(t.data_dir, (t.train_split, t.eval_split)))
+    trainer = build_trainer(t, config)
     from ray.train import TrainingFailedError
 
     # Ray Train installs a SIGINT handler for the run and leaves it in place afterwards; restoring the

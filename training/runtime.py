@@ -1,16 +1,19 @@
 """Where the training loop runs: Ray Train, torchrun, or this one process (principle 6).
 
 The loop never asks which launcher started it; it asks its runtime: rank, world size and device; the
-process group; the token rows of a split; the checkpoint to continue from after a restart; the folder a
+process group; the token shards of a split; the checkpoint to continue from after a restart; the folder a
 checkpoint is written to; and whether to stop at this step boundary. Three runtimes answer:
 
-    RayTrain    a TorchTrainer worker: ranks from ray.train.get_context(), rows from Ray Data, restarts
-                from ray.train.get_checkpoint(), checkpoints in a local temporary folder that
+    RayTrain    a TorchTrainer worker: ranks from ray.train.get_context(), restarts from
+                ray.train.get_checkpoint(), checkpoints in a local temporary folder that
                 ray.train.report uploads, stop on SIGTERM or Ray Train's preemption notice.
-    Torchrun    a torchrun process: ranks from the environment, rows from the parquet shards, step_*
-                folders under storage_dir (a restart continues from the newest complete one).
+    Torchrun    a torchrun process: ranks from the environment, step_* folders under storage_dir
+                (a restart continues from the newest complete one).
     InProcess   one process, world size 1, no launcher (a Ray Tune trial that is not a TorchTrainer, a
                 notebook, a test); checkpoints like Torchrun, or in temporary folders without storage_dir.
+
+Every runtime reads token rows the same way: each rank straight from the curated folder's shard files
+(training/data.py TokenShards), only the rows of its own batches; nothing passes through the driver.
 
 A stop request (the first SIGTERM, or a preemption notice) is read at the next step boundary, and every
 rank agrees on it with one all-reduce, so all ranks checkpoint the same step.
@@ -26,12 +29,11 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from raylm.training import checkpoint as ckpt
-from raylm.training.data import shard_files, tokens_from_files, tokens_from_ray
+from raylm.training.data import TokenShards
 
 
 class StopRequest:
@@ -50,7 +52,7 @@ class StopRequest:
 
 
 class Runtime:
-    """The parts the runtimes share: the process group through DeepSpeed, rows read from the parquet
+    """The parts the runtimes share: the process group through DeepSpeed, rows read from the token
     shards, step_* checkpoint folders under storage_dir, and SIGTERM caught on the main thread."""
 
     def __init__(self, storage_dir: str | None = None, rank: int = 0, world: int = 1, local_rank: int = 0):
@@ -93,10 +95,10 @@ class Runtime:
             self._restore_sigterm = None
 
     # ---- data and checkpoints ----------------------------------------------------------------------
-    def dataset(self, split: str, data_dir: str) -> np.ndarray | None:
-        """[rows, seq_len] tokens of a split (every rank gets all rows; training/data.py picks its own)."""
-        files = shard_files(data_dir, split)
-        return tokens_from_files(files) if files else None
+    def dataset(self, split: str, data_dir: str) -> TokenShards | None:
+        """The [rows, seq_len] token shards of a split, read row by row on demand (every rank sees all
+        rows and reads only those training/data.py's sampler gives it); None when the split has none."""
+        return TokenShards.open(data_dir, split)
 
     def latest_checkpoint(self) -> AbstractContextManager[str | None] | None:
         """After a restart, the checkpoint to continue from, as a context giving a local folder."""
@@ -204,15 +206,6 @@ class RayTrain(Runtime):
 
     def watch_stop(self) -> None:
         self._restore_sigterm = catch_ray_worker_sigterm(self.stop)
-
-    def dataset(self, split: str, data_dir: str) -> np.ndarray | None:
-        import ray.train
-
-        try:
-            it = ray.train.get_dataset_shard(split)
-        except KeyError:  # no such split was passed to the trainer (e.g. no eval shards)
-            return None
-        return tokens_from_ray(it) if it is not None else None
 
     def latest_checkpoint(self) -> AbstractContextManager[str | None] | None:
         import ray.train

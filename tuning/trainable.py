@@ -135,16 +135,15 @@ def run_torch_trainer(t: TrainConfig, setup: TrialSetup, trial_id: str, run_name
 
     from raylm.training import progress
     from raylm.training.plots import read_history
-    from raylm.training.run import build_trainer, loop_config, read_datasets
+    from raylm.training.run import build_trainer, loop_config
 
     # Ray Train reports every report_every steps; one report per evaluation is what Tune needs.
     t = t.model_copy(update={"report_every": t.eval_every or t.report_every})
     t.checkpoint.run_name = trial_id
     t.checkpoint.storage_path = TuneDir(setup.output).trial(trial_id).checkpoints
     config = loop_config(t, setup.seed, setup.curated, None, run_name=run_name)
-    datasets = read_datasets(t.data_dir, (t.train_split, t.eval_split))
     os.makedirs(t.checkpoint.storage_path, exist_ok=True)
-    build_trainer(t, config, datasets, callbacks=[TuneReportCallback()], loop=trial_loop_per_worker).fit()
+    build_trainer(t, config, callbacks=[TuneReportCallback()], loop=trial_loop_per_worker).fit()
     history = read_history(TrainDir(t.output).metrics_jsonl)
     tune.report(progress.reported_metrics(history[-1], progress.latest_eval(history), run_name))
 

@@ -260,9 +260,9 @@ def build_data(work: Path) -> str:
 
 def expected_digests(cfg) -> list[str]:
     """The sample digest of every step of an uninterrupted run (training/data.py's GlobalSampler)."""
-    from raylm.training.data import GlobalSampler, shard_files, tokens_from_files
+    from raylm.training.data import GlobalSampler, TokenShards
 
-    rows = len(tokens_from_files(shard_files(cfg.train.data_dir, "train")))
+    rows = len(TokenShards.open(cfg.train.data_dir, "train"))
     sampler = GlobalSampler(rows, cfg.train.global_batch_size, cfg.seed)
     return [sampler.digest(step) for step in range(cfg.train.max_steps)]
 

@@ -1,5 +1,6 @@
 """Fixtures of the training tests: a curated folder built here (the pipelines/ output contract), not by
-running the pipeline: packed rows of exactly seq_len tokens, eos-separated, in train/eval parquet shards."""
+running the pipeline: packed rows of exactly seq_len tokens, eos-separated, in train/eval token shards
+(written by pipelines/write.py, the writer curation uses)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ import random
 import shutil
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from raylm.core import lineage, storage
+from raylm.core import lineage
 from raylm.core.artifacts import CURATED, CuratedDir
+from raylm.pipelines.write import write_token_split
 from tests.synthetic import sample_text
 
 SEQ_LEN = 32
@@ -44,10 +44,7 @@ def build_curated(
     splits = {"train": rows[:train_rows], "eval": rows[train_rows:]}
     counts = {}
     for split, data in splits.items():
-        for i, start in enumerate(range(0, len(data), rows_per_shard)):
-            chunk = data[start : start + rows_per_shard]
-            table = pa.table({"input_ids": pa.array(list(chunk), type=pa.list_(pa.int32()))})
-            pq.write_table(table, storage.join(curated.shards, CuratedDir.shard_name(split, i)))
+        write_token_split(curated.shards, split, data, rows_per_shard, vocab_size=len(tok))
         counts[f"{split}_sequences"] = len(data)
     shutil.copytree(tokenizer_dir, curated.tokenizer)
     lineage.write_manifest(

@@ -38,12 +38,12 @@ def single_process_losses(cfg, curated_dir: str, steps: int) -> list[float]:
     """The same optimisation in one process with plain PyTorch: whole global batch per step."""
     from transformers import AutoTokenizer
 
-    from raylm.training.data import GlobalSampler, shard_files, tokens_from_files
+    from raylm.training.data import GlobalSampler, TokenShards
     from raylm.training.model import build_model, cosine_lr_lambda, param_groups
 
     t = cfg.train
     tok = AutoTokenizer.from_pretrained(CuratedDir(curated_dir).tokenizer)
-    tokens = tokens_from_files(shard_files(curated_dir, "train"))
+    tokens = TokenShards.open(curated_dir, "train")[:]
     model = build_model(t.model, t.lora, tok, tokens.shape[1], seed=cfg.seed)
     s = t.schedule
     opt = torch.optim.AdamW(

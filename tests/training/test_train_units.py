@@ -13,7 +13,7 @@ from raylm.core.config import build_config
 from raylm.core.errors import ConfigError
 from raylm.training import checkpoint as ckpt
 from raylm.training.config import TrainConfig
-from raylm.training.data import GlobalSampler, shard_files, tokens_from_files
+from raylm.training.data import GlobalSampler, TokenShards
 from raylm.training.deepspeed import ds_config
 from raylm.training.run import check_resume, read_curated
 
@@ -89,7 +89,7 @@ def test_sampler_covers_each_row_once_per_epoch_on_any_world_size():
 def test_curated_folder_contract(curated_dir, tmp_path):
     manifest = read_curated(curated_dir)
     assert manifest["seq_len"] == 32
-    tokens = tokens_from_files(shard_files(curated_dir, "train"))
+    tokens = TokenShards.open(curated_dir, "train")[:]
     assert tokens.shape == (96, 32) and tokens.dtype == np.int32
     with pytest.raises(ConfigError, match="not a complete curated folder"):
         read_curated(str(tmp_path))
@@ -145,7 +145,7 @@ def test_lora_trains_only_adapters_and_exports_an_adapter(tiny_model_dir, curate
     assert trainable and all("lora_" in n for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(param_groups(model, 0.0), lr=1e-2)
-    x = torch.from_numpy(tokens_from_files(shard_files(curated_dir, "train"))[:4]).long()
+    x = torch.from_numpy(TokenShards.open(curated_dir, "train")[:4]).long()
     for _ in range(3):
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
