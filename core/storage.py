@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -111,6 +114,18 @@ def local_dir(uri: str) -> str:
             with fs.open_input_stream(info.path) as src, open(dst, "wb") as out:
                 out.write(src.read())
     return target
+
+
+@contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """local_dir for as long as the context lasts: a downloaded copy is removed at its end (a worker on
+    every node would otherwise leave one behind per task or actor)."""
+    local = local_dir(uri)
+    try:
+        yield local
+    finally:
+        if is_remote(uri):
+            shutil.rmtree(local, ignore_errors=True)
 
 
 def read_json(uri: str) -> Any:

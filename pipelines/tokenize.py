@@ -109,9 +109,10 @@ class Tokenize:
     """Ray Data stage: text -> token ids (list<int32>) with the eos separator appended to each document."""
 
     def __init__(self, tokenizer_dir: str, text_col: str = "text"):
-        from raylm.core.storage import local_dir
+        from raylm.core.storage import local_copy
 
-        self.tok = load_tokenizer(local_dir(tokenizer_dir))
+        with local_copy(tokenizer_dir) as local:
+            self.tok = load_tokenizer(local)
         self.eos = self.tok.eos_token_id
         self.text_col = text_col
 

@@ -129,7 +129,8 @@ def setup(cfg: TrainConfig, config: dict[str, Any], rt: Runtime, t_start: float)
     from transformers import AutoTokenizer
 
     seed, seq_len = int(config["seed"]), int(config["seq_len"])
-    tokenizer = AutoTokenizer.from_pretrained(CuratedDir(cfg.data_dir).tokenizer)
+    with storage.local_copy(CuratedDir(cfg.data_dir).tokenizer) as local:  # s3:// is no Hub id
+        tokenizer = AutoTokenizer.from_pretrained(local)
     train_tokens, eval_tokens = load_tokens(cfg, rt, seq_len)
     sampler = GlobalSampler(len(train_tokens), cfg.global_batch_size, seed)
     t_data = time.time()
