@@ -37,8 +37,11 @@ format: install
 	$(BIN)/ruff check --fix .
 
 bench: install  ## side-by-side benchmarks; JSON lands in .bench/, figures go to BENCHMARKS.md
+	$(PIP) install -e ".[bench]" "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+	$(BIN)/python benchmarks/curate.py
 	$(BIN)/python benchmarks/dedup.py
 	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/train_data.py
 	$(BIN)/python benchmarks/serve.py
 	$(BIN)/python benchmarks/tune.py
 	$(BIN)/python benchmarks/cluster.py

@@ -9,9 +9,9 @@ once, downstream, for every stage alike (pipelines/run.py).
 from __future__ import annotations
 
 import re
-from collections import Counter
 from functools import cached_property
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -21,15 +21,19 @@ from raylm.pipelines.config import FilterConfig
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "–", "- ", "* ")
 WORD = re.compile(r"\w+", re.UNICODE)
+ASCII_DIGITS = "0123456789"
+# A whitespace-separated word without an ASCII letter (\S+ runs are exactly str.split()'s words).
+ASCII_WORD_WITHOUT_LETTER = re.compile(r"(?<!\S)[^\sA-Za-z]+(?!\S)")
 
 Verdict = bool | tuple[bool, str]
 
 
 class Doc:
-    """A document with its word and line views computed once and shared by all filters."""
+    """A document with its word, line and n-gram views computed once and shared by all filters."""
 
     def __init__(self, text: str):
         self.text = text
+        self._gram_ids: dict[int, np.ndarray] = {}
 
     @cached_property
     def words(self) -> list[str]:
@@ -37,12 +41,35 @@ class Doc:
 
     @cached_property
     def norm_words(self) -> list[str]:
-        """Lowercased words stripped of punctuation, for n-gram statistics."""
-        return [w for w in (WORD.findall(t.lower()) for t in self.words) for w in w]
+        """Lowercased words stripped of punctuation, for n-gram statistics: the \\w+ runs of each
+        whitespace-separated word. One pass over the whole text gives the same list (a \\w+ run never
+        spans whitespace, and lowercasing never looks across it)."""
+        return WORD.findall(self.text.lower())
 
     @cached_property
     def lines(self) -> list[str]:
         return [line for line in self.text.split("\n") if line.strip()]
+
+    @cached_property
+    def norm_word_lengths(self) -> np.ndarray:
+        return np.fromiter(map(len, self.norm_words), dtype=np.int64, count=len(self.norm_words))
+
+    def gram_ids(self, n: int) -> np.ndarray:
+        """One id per n-gram of norm_words (position i: words i..i+n-1); equal ids <=> equal n-grams.
+
+        Built from the (n-1)-gram ids, so n-grams are never materialized as tuples: the Counter-of-tuples
+        loops this replaces were most of the filters' time (see benchmarks/curate.py)."""
+        if n not in self._gram_ids:
+            if n == 1:
+                index = {w: i for i, w in enumerate(dict.fromkeys(self.norm_words))}
+                ids = map(index.__getitem__, self.norm_words)
+                self._gram_ids[1] = np.fromiter(ids, dtype=np.int64, count=len(self.norm_words))
+            else:
+                shorter, words = self.gram_ids(n - 1), self.gram_ids(1)
+                # (n-1)-gram id and last word id packed into one int64 (both < len(norm_words)).
+                key = shorter[:-1] * max(len(words), 1) + words[n - 1 :]
+                self._gram_ids[n] = np.unique(key, return_inverse=True)[1].astype(np.int64)
+        return self._gram_ids[n]
 
 
 class Filter:
@@ -112,7 +139,10 @@ class DigitFraction(Filter):
         self.limit = limit
 
     def keep(self, doc: Doc) -> Verdict:
-        frac = sum(ch.isdigit() for ch in doc.text) / max(len(doc.text), 1)
+        text = doc.text
+        # ASCII text (the usual case) counts its ten digits in C; str.isdigit's other digits are not ASCII.
+        digits = sum(map(text.count, ASCII_DIGITS)) if text.isascii() else sum(map(str.isdigit, text))
+        frac = digits / max(len(text), 1)
         return frac <= self.limit or (False, f"{self.name}: {frac:.3f} > {self.limit}")
 
 
@@ -123,7 +153,11 @@ class AlphaWords(Filter):
         self.limit = limit
 
     def keep(self, doc: Doc) -> Verdict:
-        frac = sum(any(ch.isalpha() for ch in w) for w in doc.words) / max(len(doc.words), 1)
+        if doc.text.isascii():  # in ASCII, str.isalpha is [A-Za-z]
+            with_letter = len(doc.words) - len(ASCII_WORD_WITHOUT_LETTER.findall(doc.text))
+        else:
+            with_letter = sum(any(map(str.isalpha, w)) for w in doc.words)
+        frac = with_letter / max(len(doc.words), 1)
         return frac >= self.limit or (False, f"{self.name}: {frac:.3f} < {self.limit}")
 
 
@@ -140,10 +174,6 @@ class DuplicateLines(Filter):
         return frac <= self.limit or (False, f"{self.name}: {frac:.3f} > {self.limit}")
 
 
-def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-    return list(zip(*(words[i:] for i in range(n))))
-
-
 class NgramFilter(Filter):
     """Gopher's n-gram repetition rules: for each n, a fraction of the document's characters must stay
     under that n's limit. Subclasses say which fraction."""
@@ -151,16 +181,15 @@ class NgramFilter(Filter):
     def __init__(self, limits: dict[int, float]):
         self.limits = sorted(limits.items())
 
-    def fraction(self, words: list[str], grams: list[tuple[str, ...]], n: int, total: int) -> float:
+    def fraction(self, doc: Doc, n: int, total: int) -> float:
         raise NotImplementedError
 
     def keep(self, doc: Doc) -> Verdict:
         words = doc.norm_words
         total = sum(map(len, words))
         for n, limit in self.limits:
-            grams = _ngrams(words, n)
-            if grams and total:
-                frac = self.fraction(words, grams, n, total)
+            if len(words) >= n and total:  # the document has at least one n-gram
+                frac = self.fraction(doc, n, total)
                 if frac > limit:
                     return False, f"{self.name}[{n}]: {frac:.3f} > {limit}"
         return True
@@ -171,9 +200,15 @@ class TopNgram(NgramFilter):
 
     name = "max_top_ngram_fraction"
 
-    def fraction(self, words, grams, n, total):
-        gram, count = Counter(grams).most_common(1)[0]
-        return count * sum(map(len, gram)) / total if count > 1 else 0.0
+    def fraction(self, doc, n, total):
+        ids = doc.gram_ids(n)
+        counts = np.bincount(ids)
+        top = int(counts.max())
+        if top <= 1:
+            return 0.0
+        # Of the n-grams with the top count, the one that occurs first (what Counter.most_common picks).
+        first = int(np.argmax(counts[ids] == top))
+        return top * int(doc.norm_word_lengths[first : first + n].sum()) / total
 
 
 class DuplicateNgram(NgramFilter):
@@ -181,13 +216,15 @@ class DuplicateNgram(NgramFilter):
 
     name = "max_duplicate_ngram_fraction"
 
-    def fraction(self, words, grams, n, total):
-        counts = Counter(grams)
-        covered = [False] * len(words)
-        for i, gram in enumerate(grams):
-            if counts[gram] > 1:
-                covered[i : i + n] = [True] * n
-        return sum(len(w) for w, c in zip(words, covered) if c) / total
+    def fraction(self, doc, n, total):
+        ids = doc.gram_ids(n)
+        repeated = np.bincount(ids)[ids] > 1  # per n-gram start
+        # Word j is covered when a repeated n-gram starts at one of j-n+1 .. j.
+        starts = np.concatenate([[0], np.cumsum(repeated)])
+        j = np.arange(len(doc.norm_words))
+        hi, lo = np.minimum(j, len(ids) - 1) + 1, np.maximum(j - n + 1, 0)
+        covered = starts[hi] > starts[lo]
+        return int(doc.norm_word_lengths[covered].sum()) / total
 
 
 class StopWords(Filter):

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -26,6 +27,7 @@ from raylm.core.lineage import fingerprint, read_manifest, write_manifest
 from raylm.pipelines import readers
 from raylm.pipelines.config import DataConfig
 from raylm.pipelines.dedup.exact import exact_duplicates
+from raylm.pipelines.dedup.removal import cluster_table, near_duplicate_ids, without
 from raylm.pipelines.filters import FILTER_REASONS, QualityFilter, reason_kind
 from raylm.pipelines.normalize import NORMALIZE_REASONS, Normalize, ScrubPII
 from raylm.pipelines.pack import add_bucket, assign_split, num_buckets, pack_group
@@ -75,17 +77,20 @@ def _keep_clean(t: pa.Table) -> pa.Table:
     return t.filter(pc.is_null(t.column("reject"))).drop_columns(["reject"])
 
 
-def _with_reason_kind(t: pa.Table) -> pa.Table:
-    return t.append_column("reason", reason_kind(t.column("reject")))
+def _reason_counts(t: pa.Table) -> pa.Table:
+    """Rows of one block per reject kind ('' for rows that go on): rows read, drops by reason and the
+    rows kept all come from one pass over these few rows per block."""
+    counted = pc.value_counts(pc.fill_null(reason_kind(t.column("reject")), ""))
+    return pa.table({"reason": counted.field("values"), "n": counted.field("counts")})
 
 
-def _drops_by_reason(rejected) -> dict[str, int]:
-    if rejected.count() == 0:
-        return {}
-    rows = (
-        rejected.map_batches(_with_reason_kind, batch_format="pyarrow").groupby("reason").count().take_all()
-    )
-    return {r["reason"]: int(r["count()"]) for r in sorted(rows, key=lambda r: r["reason"])}
+def _tally_reasons(cleaned) -> tuple[int, dict[str, int], int]:
+    """(rows, drops by reason, rows kept) of the cleaned rows."""
+    totals: Counter[str] = Counter()
+    for row in cleaned.map_batches(_reason_counts, batch_format="pyarrow").take_all():
+        totals[row["reason"]] += int(row["n"])
+    kept = totals.pop("", 0)
+    return sum(totals.values()) + kept, dict(sorted(totals.items())), kept
 
 
 def _clean(data: DataConfig, files: list[readers.InputFile]):
@@ -108,27 +113,12 @@ def _near_clusters(survivors, data: DataConfig):
     )
 
 
-def _cluster_table(exact_dups, near, parts: int):
-    """Every document that reached dedup: near clusters, plus exact duplicates placed in the cluster of
-    the document they duplicate (never kept)."""
-    if exact_dups.count() == 0:
-        return near
-    keeper_cluster = near.select_columns(["id", "cluster_id"]).rename_columns({"id": "keep_id"})
-    dups = exact_dups.join(keeper_cluster, join_type="inner", num_partitions=parts, on=("keep_id",))
-    dups = dups.map_batches(
-        lambda t: pa.table(
-            {"id": t["id"], "cluster_id": t["cluster_id"], "kept": pa.array([False] * t.num_rows)}
-        ),
-        batch_format="pyarrow",
-    )
-    return near.union(dups)
-
-
 def _train_or_load_tokenizer(data: DataConfig, docs, n_docs: int, out_dir: str) -> int:
     import ray
 
     if data.tokenizer.path:
-        tok = load_tokenizer(storage.local_dir(data.tokenizer.path))
+        with storage.local_copy(data.tokenizer.path) as local:
+            tok = load_tokenizer(local)
         with tempfile.TemporaryDirectory() as local:
             tok.save_pretrained(local)
             storage.upload_dir(local, out_dir)
@@ -222,9 +212,7 @@ def run(cfg: PlatformConfig) -> dict:
     outputs.claim_run_dir(cfg.run_dir, out)
     with outputs.staged_output(out, CURATED) as tmp:
         staging = CuratedDir(tmp)
-        kept = _read_clean_filter(data, inputs.files, parts, staging, tally)
-        times.lap("read_clean_filter")
-        final = _deduplicate(kept, data, parts, staging, tally, times)
+        final = curate_documents(data, inputs.files, parts, staging, tally, times)
         _tokenize_and_shard(final, data, parts, staging, tally)
         times.lap("tokenize_pack_write")
         counts = _write_manifest(staging, data, inputs, tally, times)
@@ -233,6 +221,15 @@ def run(cfg: PlatformConfig) -> dict:
     print(_summary(counts, times, inputs, data.seq_len, tally.vocab), flush=True)
     log.info("curated data written to %s", out)
     return read_manifest(out)
+
+
+def curate_documents(data: DataConfig, files, parts: int, staging: CuratedDir, tally: Tally, times: Timings):
+    """read -> normalize -> scrub -> filter -> exact dedup -> near dedup: writes rejects/, dedup/ and docs/
+    under `staging`, fills in `tally` and `times`, and returns the kept documents with their split (the
+    part of curation that benchmarks/curate.py compares with datatrove)."""
+    kept = _read_clean_filter(data, files, parts, staging, tally)
+    times.lap("read_clean_filter")
+    return _deduplicate(kept, data, parts, staging, tally, times)
 
 
 def _record_metrics(run_name: str, counts: dict, tally: Tally, times: Timings) -> None:
@@ -258,20 +255,16 @@ def _record_metrics(run_name: str, counts: dict, tally: Tally, times: Timings) -
 
 
 def _read_clean_filter(data: DataConfig, files, parts: int, staging: CuratedDir, tally: Tally):
-    """1. read, normalize, scrub, filter: one streaming pass, materialized for its two consumers (kept
-    rows and rejects); a later document claiming an earlier one's id is set aside (unique_ids.py)."""
+    """1. read, normalize, scrub, filter: one streaming pass, materialized for its consumers (the counts,
+    the rejects, the kept rows); a later document claiming an earlier one's id is set aside
+    (unique_ids.py). Every count comes from one pass that returns a few rows per block."""
     cleaned = _clean(data, files).materialize()
     cleaned = set_aside_later_claims(cleaned, parts).materialize()
+    tally.rows_read, tally.drops, tally.after_filters = _tally_reasons(cleaned)
     rejected = cleaned.map_batches(_keep_rejected, batch_format="pyarrow")
-    kept = cleaned.map_batches(_keep_clean, batch_format="pyarrow").materialize()
-    tally.rows_read, tally.drops, tally.after_filters = (
-        cleaned.count(),
-        _drops_by_reason(rejected),
-        kept.count(),
-    )
     if not data.write_rejects:
         rejected = rejected.map_batches(_keep_read_rejects, batch_format="pyarrow")
-    if rejected.count():
+    if any(data.write_rejects or reason in READ_REASONS for reason in tally.drops):
         rejected.write_parquet(staging.rejects)
     if tally.after_filters == 0:
         kept_at = outputs.publish_incomplete(
@@ -282,7 +275,8 @@ def _read_clean_filter(data: DataConfig, files, parts: int, staging: CuratedDir,
             f"({_skipped_line(tally.drops)}); the rejected rows and their reasons are in "
             f"{CuratedDir(kept_at).rejects}"
         )
-    return kept
+    # Not materialized: its one consumer is exact dedup, and filtering materialized blocks is cheap.
+    return cleaned.map_batches(_keep_clean, batch_format="pyarrow")
 
 
 def _keep_read_rejects(t: pa.Table) -> pa.Table:
@@ -290,17 +284,17 @@ def _keep_read_rejects(t: pa.Table) -> pa.Table:
 
 
 def _deduplicate(kept, data: DataConfig, parts: int, staging: CuratedDir, tally: Tally, times: Timings):
-    """2. exact dedup (one hash shuffle), 3. near dedup (MinHash LSH + connected components on Ray);
-    writes dedup/clusters.parquet and docs/, returns the kept documents with their split."""
-    labelled = exact_duplicates(kept, parts).materialize()
-    survivors = labelled.filter(expr="id == keep_id").drop_columns(["text_hash", "keep_id"]).materialize()
-    exact_dups = labelled.filter(expr="id != keep_id").select_columns(["id", "keep_id"])
-    tally.after_exact_dedup = survivors.count()
+    """2. exact dedup (dedup/exact.py), 3. near dedup (MinHash LSH + connected components on Ray);
+    writes dedup/clusters.parquet and docs/, returns the kept documents with their split. Duplicates are
+    taken out by id (dedup/removal.py): the documents themselves are never shuffled when they are few."""
+    exact_dups = exact_duplicates(kept, parts)
+    n_exact = exact_dups.num_rows if isinstance(exact_dups, pa.Table) else exact_dups.count()
+    survivors = without(kept, exact_dups, parts)
+    tally.after_exact_dedup = tally.after_filters - n_exact
     times.lap("exact_dedup")
     near = _near_clusters(survivors, data).materialize()
-    tally.clustered = write_table(_cluster_table(exact_dups, near, parts), staging.dedup, CLUSTERS_FILE)
-    keep_ids = near.filter(expr="kept").select_columns(["id"])
-    final = survivors.join(keep_ids, join_type="inner", num_partitions=parts, on=("id",))
+    tally.clustered = write_table(cluster_table(exact_dups, near, parts), staging.dedup, CLUSTERS_FILE)
+    final = without(survivors, near_duplicate_ids(near), parts)
     final = final.map_batches(_with_split, fn_kwargs={"data": data}, batch_format="pyarrow").materialize()
     tally.after_near_dedup = final.count()
     tally.documents = _documents_per_split(final)
@@ -358,7 +352,7 @@ def _tokenize_and_shard(final, data: DataConfig, parts: int, staging: CuratedDir
             tally.shards[split] = []
             continue
         part = packed.filter(expr=f"split == '{split}'").select_columns(["input_ids"])
-        tally.shards[split] = write_shards(part, staging.shards, split, data.rows_per_shard)
+        tally.shards[split] = write_shards(part, staging.shards, split, data.rows_per_shard, tally.vocab)
 
 
 def _sequences(tally: Tally) -> dict[str, int]:
