@@ -48,13 +48,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_cluster(head_cpus: int = 0, fixed_gcs_port: bool = False):
+def start_cluster(head_cpus: int = 0, fixed_gcs_port: bool = False, **head_args: Any):
     """A head (the driver connects to it before any other node exists, so removing a worker node never
-    takes the driver's raylet). A restarted GCS must come back on the same port: fixed_gcs_port."""
+    takes the driver's raylet). A restarted GCS must come back on the same port: fixed_gcs_port.
+    head_args: more `ray start` arguments for the head (its own temp dir, env_vars, the dashboard)."""
     import ray
     from ray.cluster_utils import Cluster
 
-    head: dict[str, Any] = {"num_cpus": head_cpus, "include_dashboard": False}
+    head: dict[str, Any] = {"num_cpus": head_cpus, "include_dashboard": False, **head_args}
     if fixed_gcs_port:
         head["gcs_server_port"] = free_port()
     # shutdown_at_exit=False: nodes added from a director thread must not install signal handlers.
