@@ -67,6 +67,9 @@ def enter_head(sandbox: Path):
     """This process is the driver on the head: the head's folder, the audit hook, a private cwd."""
     d = node_dirs(sandbox, "head")
     isolated_env(os.path.dirname(d["ray"]))  # RAY_TMPDIR (<it>/ray), TMPDIR (<it>/tmp), token auth, CPU
+    # torch sets this in every process that imports torch._dynamo, to a folder under that process's temp
+    # dir: inherited from the pytest process, it would send every node's cache to the machine's /tmp.
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
     os.environ |= {"HOME": d["home"], "RAYLM_SCALE_NODE": "head"}
     # The cluster's token, as `ray start` on several machines would share it: a fresh HOME holds none.
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
