@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 
 from raylm.core.config import RayConfig
@@ -74,3 +76,16 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     finally:
         if owned:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def sigint_restored() -> Iterator[None]:
+    """Ray Train and Ray Tune install a SIGINT handler for their run and leave it in place afterwards
+    (Tune's then only "ends the Tune run" on Ctrl-C). Restoring the previous one keeps Ctrl-C working
+    for the stages that follow in the same command: `raylm run` serves after training and tuning."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from typing import Any
 
 from raylm.core import lineage, outputs, storage
 from raylm.core.artifacts import TRAIN, CuratedDir, TrainDir
 from raylm.core.config import PlatformConfig, dump_config
 from raylm.core.errors import InputError, RaylmError
+from raylm.core.session import sigint_restored
 from raylm.training import checkpoint as ckpt
 from raylm.training.config import TrainConfig
 
@@ -143,12 +142,9 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
     trainer = build_trainer(t, config)
     from ray.train import TrainingFailedError
 
-    # Ray Train installs a SIGINT handler for the run and leaves it in place afterwards; restoring the
-    # previous one keeps Ctrl-C working for the stages that follow in the same command (`raylm run`
-    # serves after training, and without this Ctrl-C would only "abort" the finished training run).
-    previous_sigint = signal.getsignal(signal.SIGINT)
     try:
-        result = trainer.fit()
+        with sigint_restored():
+            result = trainer.fit()
     except TrainingFailedError as exc:
         # A checkpoint that cannot be read stays a ConfigError naming its path (exit 2).
         for failure in getattr(exc, "worker_failures", {}).values():
@@ -156,9 +152,6 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
             if isinstance(cause, ckpt.CheckpointReadError):
                 raise ckpt.CheckpointReadError(str(cause)) from None
         raise TrainingFailed(f"training failed after {t.checkpoint.max_failures} restarts: {exc}") from None
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, previous_sigint)
 
     final = dict(result.metrics or {})
     summary = {

@@ -16,6 +16,7 @@ from raylm.core import lineage, outputs, storage
 from raylm.core.artifacts import TUNE, CuratedDir, ExportDir, TuneDir
 from raylm.core.config import PlatformConfig, dump_config
 from raylm.core.errors import ConfigError, InputError, RaylmError
+from raylm.core.session import sigint_restored
 from raylm.tuning.config import TuneConfig
 from raylm.tuning.spaces import check_modules, linear_module_groups
 
@@ -99,7 +100,8 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
     seed = t.trial.seed if t.trial.seed is not None else cfg.seed
     setup = TrialSetup(trial_base(t), groups, t.output, seed, int(curated["seq_len"]), curated, cfg.name)
     tuner = build_tuner(t, setup, cfg.seed if t.search.seed is None else t.search.seed, cfg.name)
-    results = tuner.fit()
+    with sigint_restored():
+        results = tuner.fit()
     rows = results_rows(results, t, setup)
     return finish(cfg, rows, setup)
 

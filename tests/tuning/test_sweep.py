@@ -5,6 +5,7 @@ best adapter on to serving with the logits it had in its trial."""
 from __future__ import annotations
 
 import csv
+import signal
 
 import pytest
 import torch
@@ -24,7 +25,11 @@ def sweep(ray_cluster, tiny_model_dir, tune_data, tmp_path_factory):
 
     cfg = tiny_sweep(tiny_model_dir, tune_data, tmp_path_factory.mktemp("sweep") / "run")
     preflight(cfg)
+    before = signal.getsignal(signal.SIGINT)
     manifest = run(cfg)
+    # Ray Tune leaves its own SIGINT handler behind ("ending the Tune run"); run() must restore ours, or
+    # Ctrl-C could not stop the serve stage that `raylm run` starts after tuning.
+    assert signal.getsignal(signal.SIGINT) is before
     with open(TuneDir(cfg.tune.output).trials_csv) as f:
         rows = list(csv.DictReader(f))
     return cfg, manifest, rows
