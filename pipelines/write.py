@@ -110,15 +110,10 @@ def write_shards(
             f"expected {n_shards} shards of {rows} rows in all in {tmp}, got "
             f"{[(w['file'], w['rows']) for w in sink.written]}"
         )
-    fs, _ = storage.filesystem(folder)
-    for i, w in enumerate(sink.written):
-        name = CuratedDir.shard_name(prefix, i)
-        fs.move(
-            storage.filesystem(storage.join(tmp, w["file"]))[1],
-            storage.filesystem(storage.join(folder, name))[1],
-        )
+    names = [CuratedDir.shard_name(prefix, i) for i in range(n_shards)]
+    _move_written(tmp, [storage.join(tmp, w["file"]) for w in sink.written], names, folder)
+    for w, name in zip(sink.written, names):
         w["file"] = name
-    storage.remove(tmp)
     write_index(folder, prefix, sink.written)
     return [{"file": w["file"], "rows": w["rows"]} for w in sink.written]
 
@@ -146,23 +141,19 @@ def write_token_split(
     return [{"file": w["file"], "rows": w["rows"]} for w in written]
 
 
-def _move_written(tmp_dir: str, final_names: list[str], folder: str) -> list[str]:
+def _move_written(tmp_dir: str, sources: list[str], final_names: list[str], folder: str) -> None:
+    """Move the files a write left in tmp_dir to <folder>/<final name>, in order, then drop tmp_dir."""
+    if len(sources) != len(final_names):
+        raise RuntimeError(f"expected {len(final_names)} files in {tmp_dir}, found {len(sources)}")
     fs, _ = storage.filesystem(folder)
-    written = storage.list_files(tmp_dir, ".parquet")
-    if len(written) != len(final_names):
-        raise RuntimeError(f"expected {len(final_names)} parquet files in {tmp_dir}, found {len(written)}")
-    paths = []
-    for src, name in zip(written, final_names):
-        dst = f"{folder.rstrip('/')}/{name}"
-        fs.move(storage.filesystem(src)[1], storage.filesystem(dst)[1])
-        paths.append(dst)
+    for src, name in zip(sources, final_names):
+        fs.move(storage.filesystem(src)[1], storage.filesystem(storage.join(folder, name))[1])
     storage.remove(tmp_dir)
-    return paths
 
 
 def write_table(ds, folder: str, name: str) -> int:
     """Write a whole dataset as the single file <folder>/<name> (for tables the contract names as one file)."""
     tmp = f"{folder.rstrip('/')}/_tmp_{name}"
     ds.repartition(1, shuffle=False).write_parquet(tmp, min_rows_per_file=1)
-    _move_written(tmp, [name], folder)
+    _move_written(tmp, storage.list_files(tmp, ".parquet"), [name], folder)
     return ds.count()
