@@ -13,28 +13,33 @@ No `from __future__ import annotations` here: FastAPI must see the real `Request
 """
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from fastapi import Request
 from ray import serve
 from ray.serve import Application
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raylm.core import metrics
 from raylm.core.artifacts import TuneDir
 from raylm.serving import api, sse
 from raylm.serving.config import BatchingConfig, ServeConfig
 from raylm.serving.engine import DEFAULT_CHAT_STOP, Delta, Engine, SamplingParams, check_adapter_dir
-from raylm.serving.gateway import GATEWAY_MAX_ONGOING, Gateway, read_limited_body
+from raylm.serving.gateway import GATEWAY_MAX_ONGOING, Gateway
+from raylm.serving.http import (
+    CHAT,
+    COMPLETIONS,
+    HEALTH,
+    MODELS,
+    ROUTES,
+    authorize,
+    openai_app,
+    parse_request,
+    run_forwarded,
+    unknown_model,
+)
 from raylm.serving.scheduler import AsyncEngine, GenerationRequest
 
 log = logging.getLogger("raylm")
@@ -44,63 +49,7 @@ SWEEP_BEST = "best"  # the adapter id of a sweep's best adapter (serve.sweep)
 # own: a few ms of tokenizing inline is cheaper than the hop, seconds of it would stall every stream.
 INLINE_TOKENIZE_CHARS = 16_384
 
-# The routes, declared once: the Gateway counts a 503 it gives under the route it was meant for.
-COMPLETIONS, CHAT, MODELS, HEALTH = "/v1/completions", "/v1/chat/completions", "/v1/models", "/health"
-
-fastapi_app = FastAPI(title="raylm", docs_url=None, redoc_url=None)
-
-
-class CountRequests:
-    """ASGI middleware: one count per HTTP request, by route template (unknown paths share "unmatched",
-    so probes cannot grow the series) and status; an exception no handler answered counts as a 500.
-    Plain ASGI, not BaseHTTPMiddleware, so streaming responses and client disconnects pass untouched."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        status = 500
-
-        async def send_noting_status(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_noting_status)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            metrics.record(metrics.SERVE_REQUESTS, 1, {"route": route, "status": str(status)})
-
-
-fastapi_app.add_middleware(CountRequests)
-
-
-@fastapi_app.exception_handler(api.OpenAIError)
-async def _openai_error(_: Request, exc: api.OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-
-@fastapi_app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    message, param = api.validation_message(list(exc.errors()))
-    return JSONResponse(api.error_body(message, param=param), status_code=400)
-
-
-@fastapi_app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    code = "not_found" if exc.status_code == 404 else None
-    return JSONResponse(api.error_body(str(exc.detail), param=None, code=code), status_code=exc.status_code)
-
-
-@fastapi_app.exception_handler(Exception)
-async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
-    # Our own bug or a model failure: log the traceback server-side, never send it to the client.
-    log.exception("internal error while serving a request")
-    return JSONResponse(api.error_body("internal server error", kind="server_error"), status_code=500)
+fastapi_app = openai_app("raylm")
 
 
 def adapter_catalog(cfg: ServeConfig) -> dict[str, str]:
@@ -125,29 +74,6 @@ def adapter_catalog(cfg: ServeConfig) -> dict[str, str]:
     for path in catalog.values():
         check_adapter_dir(path)
     return catalog
-
-
-def asgi_scope(meta: dict[str, Any]) -> dict[str, Any]:
-    """An ASGI HTTP scope for a request the Gateway forwarded (gateway.request_meta). Defined above
-    LLMServer on purpose: Serve pickles the class when it is decorated, with the globals defined by then."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "scheme": "http",
-        "method": meta["method"],
-        "path": meta["path"],
-        "raw_path": meta["path"].encode(),
-        "root_path": "",
-        "query_string": meta["query_string"],
-        "headers": meta["headers"],
-        "client": None,
-        "server": None,
-    }
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -209,61 +135,13 @@ class LLMServer:
 
     # ---- request handling ---------------------------------------------------------------------
     async def handle_http(self, meta: dict[str, Any], body: bytes) -> AsyncIterator[Any]:
-        """One request forwarded by the Gateway, run through this replica's routes: yields the response
-        start ({"status", "headers"}), then the body chunks as the app sends them. Closing the generator
-        (the client went away) cancels the route, whose stream then leaves the running batch."""
-        messages: asyncio.Queue = asyncio.Queue()
-        scope, app, never = asgi_scope(meta), self.app, asyncio.Event()
-        received = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal received
-            if not received:
-                received = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await never.wait()  # no disconnect to report: cancellation ends the request
-            return {"type": "http.disconnect"}
-
-        async def run() -> None:
-            try:
-                await app(scope, receive, messages.put)
-            finally:
-                messages.put_nowait(None)
-
-        task = asyncio.create_task(run())
-        try:
-            while (message := await messages.get()) is not None:
-                if message["type"] == "http.response.start":
-                    yield {"status": message["status"], "headers": message.get("headers", [])}
-                elif message.get("body"):
-                    yield message["body"]
-            await task  # raises what the app raised
-        finally:
-            task.cancel()
-
-    def _authorize(self, request: Request) -> None:
-        if not self.key_hashes:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        digest = hash_key(token.strip()) if scheme.lower() == "bearer" and token else ""
-        if not digest or not any(hmac.compare_digest(digest, h) for h in self.key_hashes):
-            raise api.OpenAIError(
-                401,
-                "invalid or missing API key (send Authorization: Bearer <key>)",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        """One request forwarded by the Gateway, run through this replica's routes (http.run_forwarded).
+        Closing the generator (the client went away) cancels the route, whose stream leaves the batch."""
+        async for item in run_forwarded(self.app, meta, body):
+            yield item
 
     async def _parse(self, request: Request, model: type[api._Request]) -> Any:
-        self._authorize(request)
-        body = api.parse_body(await read_limited_body(request, self.cfg.http.max_request_bytes))
-        try:
-            req = model.model_validate(body)
-        except ValidationError as exc:
-            message, param = api.validation_message(list(exc.errors()))
-            raise api.OpenAIError(400, message, param=param) from None
-        if req.n > self.cfg.max_n:
-            raise api.OpenAIError(400, f"n must be at most {self.cfg.max_n} (got {req.n})", param="n")
+        req, _ = await parse_request(request, model, self.cfg, self.key_hashes)
         return req
 
     def _adapter_for(self, model: str) -> str | None:
@@ -271,12 +149,7 @@ class LLMServer:
             return None
         if model in self.catalog:
             return model
-        raise api.OpenAIError(
-            404,
-            f"The model '{model}' does not exist; GET /v1/models lists the served models",
-            param="model",
-            code="model_not_found",
-        )
+        raise unknown_model(model)
 
     async def _encode(self, texts: list[str], param: str) -> list[list[int]]:
         """Token ids of the prompts. One that surely passes the context is refused before any tokenizing
@@ -382,7 +255,7 @@ class LLMServer:
 
     @fastapi_app.get(MODELS)
     async def models(self, request: Request) -> Any:
-        self._authorize(request)
+        authorize(request, self.key_hashes)
         return api.models_body([self.model_id, *sorted(self.catalog)])
 
     @fastapi_app.get(HEALTH)
@@ -422,13 +295,17 @@ def gateway_options(cfg: ServeConfig) -> dict[str, Any]:
 
 
 def build_app(cfg: ServeConfig, model_id: str, api_key_sha256: list[str] | None = None) -> Application:
-    """The Serve application for a config: the Gateway ingress in front of the LLMServer replicas."""
+    """The Serve application for a config: the Gateway ingress in front of the engine's replicas
+    (LLMServer for the raylm engine, vllm_server.VLLMServer for the vLLM engine)."""
+    if cfg.engine == "vllm":
+        from raylm.serving.vllm_server import build_vllm_app
+
+        return build_vllm_app(cfg, model_id, list(api_key_sha256 or []), gateway_options(cfg))
     server = LLMServer.options(**deployment_options(cfg)).bind(
         init_config(cfg), model_id, list(api_key_sha256 or [])
     )
-    routes = [COMPLETIONS, CHAT, MODELS, HEALTH]
     return Gateway.options(**gateway_options(cfg)).bind(
-        server, cfg.http.max_request_bytes, cfg.retry_after_s, routes
+        server, cfg.http.max_request_bytes, cfg.retry_after_s, ROUTES
     )
 
 

@@ -7,16 +7,23 @@ changed on a running deployment (`serve deploy` with a new `user_config`) withou
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from raylm.core.schema import Bool, Float, Int, PathOrUri, Section
 
+# Which engine runs which quantization method: the raylm engine quantizes at load time with bitsandbytes;
+# the vLLM engine uses vLLM's own methods (fp8 at load time, AWQ / GPTQ checkpoints as they are, and
+# bitsandbytes where the installed vLLM has it: vllm-bnb-plugin).
+RAYLM_QUANTIZATION = ("none", "int8", "nf4")
+VLLM_QUANTIZATION = ("none", "fp8", "awq", "gptq", "bitsandbytes")
+
 
 class QuantizationConfig(Section):
-    method: Literal["none", "int8", "nf4"] = "none"
-    """Weight quantization applied at load time with bitsandbytes: none, int8 (LLM.int8) or nf4 (4-bit NormalFloat)."""
+    method: Literal["none", "int8", "nf4", "fp8", "awq", "gptq", "bitsandbytes"] = "none"
+    """Weight quantization. raylm engine: int8 (LLM.int8) or nf4 (4-bit NormalFloat), with bitsandbytes at
+    load time. vllm engine: fp8 (at load time, GPU), awq / gptq (checkpoints quantized that way), bitsandbytes."""
     nf4_double_quant: Bool = True
     """nf4 only: also quantize the quantization constants (saves ~0.4 bit per weight)."""
 
@@ -73,7 +80,51 @@ class AdaptersConfig(Section):
     """Adapters kept in memory per replica; the least recently used is unloaded beyond this."""
 
 
+# Engine arguments raylm sets from its own keys: giving them in vllm.engine_kwargs would be ambiguous.
+VLLM_OWNED_KWARGS = {
+    "model": "serve.model",
+    "served_model_name": "serve.model_id",
+    "dtype": "serve.dtype",
+    "max_model_len": "serve.max_context",
+    "max_num_seqs": "serve.batching.max_batch_size",
+    "quantization": "serve.quantization.method",
+    "trust_remote_code": "serve.trust_remote_code",
+    "tensor_parallel_size": "serve.vllm.tensor_parallel_size",
+    "enable_lora": "serve.adapters",
+    "max_loras": "serve.adapters.max_loaded",
+    "kv_cache_memory_bytes": "serve.vllm.kv_cache_gib",
+    "gpu_memory_utilization": "serve.vllm.gpu_memory_utilization",
+    "enforce_eager": "serve.vllm.enforce_eager",
+    "chat_template": "serve.chat_template",
+}
+
+
+class VLLMSection(Section):
+    tensor_parallel_size: Int = Field(1, ge=1)
+    """GPUs one replica shards the model over (vLLM tensor parallelism); num_gpus must match it."""
+    kv_cache_gib: Float | None = Field(None, gt=0)
+    """KV cache per replica in GiB. None: on GPUs vLLM sizes it from gpu_memory_utilization; on a CPU
+    replica raylm reserves CPU_KV_CACHE_GIB (vLLM's CPU default would claim 92% of the node's memory)."""
+    gpu_memory_utilization: Float = Field(0.9, gt=0, le=1)
+    """Fraction of GPU memory vLLM may use for weights, activations and KV cache."""
+    enforce_eager: Bool = False
+    """Skip CUDA graphs and compilation: faster start-up, slower decoding (vLLM's --enforce-eager)."""
+    engine_kwargs: dict[str, Any] = {}
+    """Other vLLM engine arguments, passed as they are (e.g. enable_prefix_caching, max_num_batched_tokens)."""
+
+    @model_validator(mode="after")
+    def _not_owned(self) -> VLLMSection:
+        for key in sorted(set(self.engine_kwargs) & set(VLLM_OWNED_KWARGS)):
+            raise ValueError(f"engine_kwargs.{key} is set by raylm: use {VLLM_OWNED_KWARGS[key]} instead")
+        return self
+
+
 class ServeConfig(Section):
+    engine: Literal["raylm", "vllm"] = "raylm"
+    """raylm: transformers + bitsandbytes, runs anywhere torch does. vllm: vLLM through Ray Serve LLM
+    (paged attention, continuous batching, CUDA graphs); needs the vllm extra (README: Serving engines)."""
+    vllm: VLLMSection = VLLMSection()
+    """Settings of the vllm engine only."""
     model: PathOrUri | None = None
     """Local path of the HF model to serve; defaults to the train stage's export/."""
     model_id: str | None = None
@@ -131,6 +182,7 @@ class ServeConfig(Section):
                 f"batching.max_batch_size ({self.batching.max_batch_size}) can never fill: a replica holds at most "
                 f"max_ongoing_requests x max_n = {self.max_ongoing_requests * self.max_n} sequences"
             )
+        self._check_engine()
         if self.quantization.method != "none" and self.dtype == "float16" and self.device == "cpu":
             raise ValueError(
                 "quantized float16 compute is not supported on cpu; use dtype float32 or bfloat16"
@@ -143,6 +195,33 @@ class ServeConfig(Section):
                 f"adapter id {clash.pop()!r} is the same as model_id; adapter ids must differ from the base"
             )
         return self
+
+    def _check_engine(self) -> None:
+        method = self.quantization.method
+        if self.engine == "raylm" and method not in RAYLM_QUANTIZATION:
+            raise ValueError(
+                f"quantization.method {method} is a vLLM method: set engine: vllm, or use one of "
+                f"{', '.join(RAYLM_QUANTIZATION)} with the raylm engine"
+            )
+        if self.engine != "vllm":
+            return
+        if method not in VLLM_QUANTIZATION:
+            raise ValueError(
+                f"quantization.method {method} is the raylm engine's (bitsandbytes at load time): with "
+                f"engine: vllm use one of {', '.join(VLLM_QUANTIZATION)}"
+            )
+        if self.num_gpus == 0 and method == "fp8":
+            raise ValueError("quantization.method fp8 runs on GPUs only: set num_gpus, or use engine: raylm")
+        tp = self.vllm.tensor_parallel_size
+        if tp > 1 and self.num_gpus != tp:
+            raise ValueError(
+                f"vllm.tensor_parallel_size is {tp}, so num_gpus must be {tp} (got {self.num_gpus})"
+            )
+        if self.num_gpus > 1 and tp == 1:
+            raise ValueError(f"num_gpus is {self.num_gpus}: set vllm.tensor_parallel_size to match it")
+
+    def runs_on_cpu(self) -> bool:
+        return self.num_gpus == 0 or self.device == "cpu"
 
     def user_config(self) -> dict[str, float | int]:
         """The part of the config a running deployment can change without reloading the model."""

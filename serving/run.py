@@ -18,6 +18,7 @@ from raylm.core import outputs, storage
 from raylm.core.artifacts import SERVE, RunDir
 from raylm.core.config import PlatformConfig
 from raylm.core.errors import ConfigError
+from raylm.serving import vllm_checks
 from raylm.serving.config import ServeConfig
 from raylm.serving.engine import check_model_dir
 
@@ -29,8 +30,12 @@ def serve_dir(cfg: PlatformConfig) -> str:
 
 
 def preflight(cfg: PlatformConfig) -> None:
-    """Checks that need no Ray: the folder for serve_config.yaml may be written (core/outputs.py)."""
+    """Checks that need no Ray: the folder for serve_config.yaml may be written (core/outputs.py), and
+    what the engine cannot run (vllm_checks), once the model exists (a train stage of the same run has
+    not written it yet: run() checks it again before deploying)."""
     outputs.check_stage_output("run_dir", serve_dir(cfg), SERVE, cfg.run_dir)
+    if cfg.serve.model is None or os.path.isfile(os.path.join(cfg.serve.model, "config.json")):
+        vllm_checks.check(cfg.serve)
 
 
 def served_model_id(cfg: PlatformConfig) -> str:
@@ -39,7 +44,7 @@ def served_model_id(cfg: PlatformConfig) -> str:
 
 def api_key_hashes(env_name: str | None) -> list[str]:
     """SHA-256 digests of the keys in $env_name: replicas and config files only ever see digests."""
-    from raylm.serving.app import hash_key
+    from raylm.serving.http import hash_key
 
     if env_name is None:
         return []
@@ -53,8 +58,11 @@ def serve_config(cfg: ServeConfig, model_id: str, api_key_sha256: list[str]) -> 
     """A Ray Serve config file (for `serve deploy`) describing the same application as `raylm serve`."""
     from raylm.serving.app import DEPLOYMENT_NAME, deployment_options, init_config
 
-    options = deployment_options(cfg)
-    deployment: dict[str, Any] = {"name": DEPLOYMENT_NAME, **options}
+    deployment: dict[str, Any] = {"name": DEPLOYMENT_NAME, **deployment_options(cfg)}
+    if cfg.engine == "vllm":  # Serve LLM adds the placement group when the application is built
+        from raylm.serving.vllm_server import deployment_options as vllm_deployment_options
+
+        deployment = vllm_deployment_options(cfg)
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": cfg.http.host, "port": cfg.http.port},
@@ -107,6 +115,7 @@ def run(cfg: PlatformConfig) -> None:
             f"serve.model must be a local folder, got {sc.model} (copy the export to local disk)"
         )
     check_model_dir(sc.model)
+    vllm_checks.check(sc)
     model_id = served_model_id(cfg)
     hashes = api_key_hashes(sc.http.api_key_env)
     preflight(cfg)  # again: run() is also called without the CLI

@@ -55,18 +55,20 @@ def build_tiny_llama(tokenizer_dir: str, out_dir, seed: int = 0, **overrides) ->
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
+    shape = dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
+    )
+    config = LlamaConfig(
+        vocab_size=len(tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        **overrides,
+        **(shape | overrides),
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -42,6 +42,25 @@ def tiny_adapters(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
     }
 
 
+@pytest.fixture(scope="session")
+def head32_model_dir(tiny_tokenizer_dir, tmp_path_factory) -> str:
+    """The tiny Llama with 2 heads of 32 (the session's has 4 of 16): vLLM's CPU attention kernels take
+    head sizes from 32 up, and the engine tests run the same model on both engines."""
+    from tests.conftest import build_tiny_llama
+
+    out = tmp_path_factory.mktemp("tiny-llama-h32")
+    return build_tiny_llama(tiny_tokenizer_dir, out, num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.fixture(scope="session")
+def head32_adapters(head32_model_dir, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("adapters-h32")
+    return {
+        name: build_adapter(head32_model_dir, root / name, seed)
+        for seed, name in enumerate(["lora-a", "lora-b"])
+    }
+
+
 @pytest.fixture(scope="module")
 def loopback_port() -> int:
     return free_port()
