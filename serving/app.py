@@ -272,6 +272,8 @@ def deployment_options(cfg: ServeConfig) -> dict[str, Any]:
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         "user_config": cfg.user_config(),
     }
+    if env := cfg.replica_env():
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     if cfg.autoscaling is not None:
         options["autoscaling_config"] = cfg.autoscaling.model_dump()
     else:
@@ -283,6 +285,9 @@ def gateway_options(cfg: ServeConfig) -> dict[str, Any]:
     """The Gateway runs as many replicas as LLMServer (or scales between the same bounds, never below one:
     it must be there to wake LLMServer from zero): no CPUs."""
     options: dict[str, Any] = {"max_ongoing_requests": GATEWAY_MAX_ONGOING}
+    if cfg.niceness is not None:
+        env = {"RAY_worker_niceness": str(cfg.niceness)}
+        options["ray_actor_options"] = {"num_cpus": 0, "runtime_env": {"env_vars": env}}
     if cfg.autoscaling is not None:
         options["autoscaling_config"] = {
             "min_replicas": max(1, cfg.autoscaling.min_replicas),

@@ -111,6 +111,8 @@ class VLLMSection(Section):
     """Skip CUDA graphs and compilation: faster start-up, slower decoding (vLLM's --enforce-eager)."""
     engine_kwargs: dict[str, Any] = {}
     """Other vLLM engine arguments, passed as they are (e.g. enable_prefix_caching, max_num_batched_tokens)."""
+    env_vars: dict[str, str] = {}
+    """Environment of the replicas and their engine processes (e.g. VLLM_CPU_OMP_THREADS_BIND=0-7)."""
 
     @model_validator(mode="after")
     def _not_owned(self) -> VLLMSection:
@@ -168,6 +170,9 @@ class ServeConfig(Section):
     """Retry-After (seconds) sent with a 503 when the queue is full."""
     http: HttpConfig = HttpConfig()
     """HTTP proxy and authentication."""
+    niceness: Int | None = Field(None, ge=0, le=19)
+    """Scheduling niceness of the replicas; None keeps Ray's worker default (15: they yield the CPU to any
+    process at 0 on the node). 0 on nodes shared with other work (README: Serving engines)."""
     app_name: str = "raylm"
     """Ray Serve application name."""
 
@@ -222,6 +227,11 @@ class ServeConfig(Section):
 
     def runs_on_cpu(self) -> bool:
         return self.num_gpus == 0 or self.device == "cpu"
+
+    def replica_env(self) -> dict[str, str]:
+        """Environment variables of the replica processes (Ray reads RAY_worker_niceness at worker start)."""
+        env = {} if self.niceness is None else {"RAY_worker_niceness": str(self.niceness)}
+        return {**env, **(self.vllm.env_vars if self.engine == "vllm" else {})}
 
     def user_config(self) -> dict[str, float | int]:
         """The part of the config a running deployment can change without reloading the model."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -17,7 +18,7 @@ import yaml
 from raylm.core import outputs, storage
 from raylm.core.artifacts import SERVE, RunDir
 from raylm.core.config import PlatformConfig
-from raylm.core.errors import ConfigError
+from raylm.core.errors import ConfigError, RaylmError
 from raylm.serving import vllm_checks
 from raylm.serving.config import ServeConfig
 from raylm.serving.engine import check_model_dir
@@ -96,13 +97,35 @@ def start(cfg: ServeConfig, model_id: str, api_key_sha256: list[str] | None = No
 
     check_model_dir(cfg.model)
     serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port})
-    serve.run(
-        build_app(cfg, model_id, api_key_sha256),
-        name=cfg.app_name,
-        route_prefix=cfg.http.route_prefix,
-        blocking=False,
-    )
+    try:
+        serve.run(
+            build_app(cfg, model_id, api_key_sha256),
+            name=cfg.app_name,
+            route_prefix=cfg.http.route_prefix,
+            blocking=False,
+        )
+    except RuntimeError as exc:  # Serve gave up on the replicas (after its constructor retries)
+        cause = startup_failure(cfg.app_name) or str(exc)
+        serve.delete(cfg.app_name)
+        raise RaylmError(
+            f"serve: the {cfg.engine} engine's replicas failed to start: {cause} (the replicas' logs: "
+            "`ray logs` or the dashboard's Serve tab)"
+        ) from None
     return base_url(cfg)
+
+
+def startup_failure(app_name: str) -> str | None:
+    """The exception a failed replica constructor raised, from Serve's deployment status (its message
+    ends with the replica's traceback); None when Serve says nothing more specific."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    for deployment in app.deployments.values() if app else []:
+        lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
+        errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+        if errors:
+            return errors[-1]
+    return None
 
 
 def run(cfg: PlatformConfig) -> None:

@@ -145,7 +145,21 @@ def llm_config(cfg: ServeConfig, model_id: str, catalog: dict[str, str]) -> LLMC
         # The replica hands each stream to its own route in-process: no batching of stream chunks.
         experimental_configs={"stream_batching_interval_ms": 0},
         log_engine_metrics=True,  # vLLM's own metrics (ray_vllm_*) through Ray's metrics agent
+        runtime_env={"env_vars": env} if (env := cfg.replica_env()) else None,
     )
+
+
+def check_weights(model: str) -> None:
+    """Read every safetensors header of the model before vLLM loads it: vLLM loads in a child process and
+    reports a broken file only as "Engine core initialization failed", with the cause in that process's log."""
+    from safetensors import safe_open
+
+    for name in sorted(f for f in os.listdir(model) if f.endswith(".safetensors")):
+        try:
+            with safe_open(os.path.join(model, name), framework="pt"):
+                pass
+        except Exception as exc:
+            raise ValueError(f"serve.model {model}: {name} cannot be read: {exc}") from None
 
 
 class VLLMServer(LLMServer):
@@ -160,8 +174,9 @@ class VLLMServer(LLMServer):
         catalog: dict[str, str],
         api_key_sha256: list[str],
     ):
-        await super().__init__(llm_config)
         self.cfg = ServeConfig.model_validate(serve_config)
+        check_weights(self.cfg.model)
+        await super().__init__(llm_config)
         self.model_id, self.catalog, self.key_hashes = model_id, dict(catalog), list(api_key_sha256)
         self.chat_stop = (
             [DEFAULT_CHAT_STOP]

@@ -30,6 +30,7 @@ from tests.synthetic import document
 pytestmark = [pytest.mark.slow, NEEDS_PROMETHEUS]
 RUN, SWEEP = "obs", "obs-sweep"  # the runs' names (their `run` tag)
 MODEL, ADAPTER = "obs-tiny", "obs-lora"  # serving's `model` tags
+VLLM_MODEL = "obs-vllm"  # the vLLM engine's
 
 
 def m(metric: metrics.Metric, suffix: str = "") -> str:
@@ -153,6 +154,32 @@ def served(ray_cluster, prom, tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def served_vllm(served, tiny_tokenizer_dir, tmp_path_factory):
+    """The same HTTP surface on the vLLM engine (a head size its CPU kernels take), next to `served` on
+    the port Serve's proxy already holds: two completions, one of them streamed."""
+    from raylm.serving.config import ServeConfig
+    from raylm.serving.run import start
+    from tests.conftest import build_tiny_llama
+
+    model = build_tiny_llama(tiny_tokenizer_dir, tmp_path_factory.mktemp("obs-vllm"), num_attention_heads=2)
+    port = int(served["url"].split(":")[2].split("/")[0])
+    cfg = ServeConfig(
+        model=model,
+        engine="vllm",
+        vllm={"kv_cache_gib": 0.25, "enforce_eager": True},
+        app_name="obs-vllm",
+        http={"port": port, "route_prefix": "/vllm"},
+    )
+    url = start(cfg, VLLM_MODEL)
+    body = {"model": VLLM_MODEL, "prompt": "the quick brown", "max_tokens": 5, "temperature": 0}
+    whole = requests.post(url + "/completions", json=body, timeout=120)
+    whole.raise_for_status()
+    stream = requests.post(url + "/completions", json={**body, "stream": True}, timeout=120)
+    assert stream.status_code == 200 and stream.text.rstrip().endswith("data: [DONE]")
+    return {"tokens": whole.json()["usage"]["completion_tokens"] + 5}  # greedy, no eos in 5 tokens here
+
+
+@pytest.fixture(scope="module")
 def swept(prom, tiny_tokenizer_dir, tiny_model_dir, tmp_path_factory):
     """Two LoRA trials of 4 steps (ASHA may stop one at its first evaluation); trials.csv as rows."""
     from raylm.core.artifacts import TuneDir
@@ -263,6 +290,18 @@ def test_serving_metrics(prom, served):
     # look back over the window rather than at the instant.
     rate = prom.value(f"max(max_over_time({m(metrics.SERVE_TOKENS_PER_SECOND)}{model}[10m]))")
     assert rate is not None and rate > 0
+
+
+def test_vllm_engine_metrics(prom, served_vllm):
+    """The registry's serving metrics from the vLLM engine's routes, and vLLM's own metrics beside them."""
+    model = f'{{model="{VLLM_MODEL}"}}'
+    check(prom, f"sum({m(metrics.SERVE_TOKENS_GENERATED)}{model})", served_vllm["tokens"])
+    check(prom, f"sum({m(metrics.SERVE_TIME_TO_FIRST_TOKEN_SECONDS, '_count')}{model})", 1)  # the stream
+    check(
+        prom,
+        f'sum({{__name__=~"ray_vllm_generation_tokens(_total)?",model_name="{VLLM_MODEL}"}})',
+        served_vllm["tokens"],
+    )
 
 
 @pytest.mark.skipif(not os.environ.get("RAYLM_RENDER_DASHBOARDS"), reason="renders docs/monitoring on demand")

@@ -44,6 +44,7 @@ def server(engine, ray_cluster, head32_model_dir, head32_adapters, loopback_port
         app_name="main",
         http={"port": port, "route_prefix": "/"},
         batching={"max_batch_size": 16, "batch_wait_timeout_s": 0.05},
+        niceness=0,
         **(VLLM_CPU if engine == "vllm" else {}),
     )
     if engine == "vllm":
@@ -314,3 +315,20 @@ def test_nf4_model_answers(server):
     main = serve.get_deployment_handle("LLMServer", app_name="main").stats.remote().result()
     assert stats["memory_bytes"] < main["memory_bytes"]
     json.dumps(stats)
+
+
+def test_niceness_reaches_the_replica_process(server):
+    """Ray starts workers at nice 15; serve.niceness (0 on `main`) sets the replica's, `tight` keeps Ray's."""
+    import os
+
+    from ray import serve
+
+    if server["engine"] != "raylm":
+        pytest.skip(
+            "the replica's pid is in the raylm engine's stats (the vLLM engine gets the same runtime_env)"
+        )
+    nice = {}
+    for app in ("main", "tight"):
+        pid = serve.get_deployment_handle("LLMServer", app_name=app).stats.remote().result()["pid"]
+        nice[app] = os.getpriority(os.PRIO_PROCESS, pid)
+    assert nice == {"main": 0, "tight": 15}

@@ -109,3 +109,46 @@ def test_generated_serve_config_names_the_vllm_deployment(head32_model_dir):
     assert deployment["name"] == "VLLMServer" and deployment["num_replicas"] == 2
     assert "user_config" not in deployment  # vLLM's batch size is an engine argument, fixed at start-up
     assert config["applications"][0]["args"]["serve"]["engine"] == "vllm"
+
+
+@pytest.mark.slow
+def test_a_model_the_engine_cannot_load_fails_at_start_up_with_its_error(
+    ray_cluster, head32_model_dir, tmp_path, loopback_port
+):
+    from ray import serve
+
+    from raylm.core.errors import RaylmError
+    from raylm.serving.run import start
+
+    model = shutil.copytree(head32_model_dir, tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # passes every check that reads config.json only
+    cfg = ServeConfig(**CPU, model=str(model), app_name="broken", http={"port": loopback_port})
+    try:
+        with pytest.raises(RaylmError) as err:
+            start(cfg, "tiny")
+    finally:
+        serve.shutdown()
+    message = str(err.value)
+    assert "vllm engine's replicas failed to start" in message, message
+    assert "model.safetensors cannot be read" in message, message  # the cause, not vLLM's "see above"
+    assert "Traceback" not in message
+
+
+def test_niceness_reaches_both_engines_replicas(head32_model_dir):
+    from raylm.serving.app import deployment_options, gateway_options
+    from raylm.serving.vllm_server import llm_config
+
+    raylm = ServeConfig(model=head32_model_dir, niceness=0)
+    assert deployment_options(raylm)["ray_actor_options"]["runtime_env"] == {
+        "env_vars": {"RAY_worker_niceness": "0"}
+    }
+    assert gateway_options(raylm)["ray_actor_options"]["runtime_env"]["env_vars"] == {
+        "RAY_worker_niceness": "0"
+    }
+    vllm = ServeConfig(
+        **CPU, model=head32_model_dir, niceness=0, vllm={"env_vars": {"VLLM_CPU_OMP_THREADS_BIND": "0"}}
+    )
+    env = llm_config(vllm, "tiny", {}).runtime_env["env_vars"]
+    assert env == {"RAY_worker_niceness": "0", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+    assert "runtime_env" not in deployment_options(ServeConfig(model=head32_model_dir))["ray_actor_options"]
