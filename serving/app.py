@@ -141,8 +141,7 @@ class LLMServer:
             yield item
 
     async def _parse(self, request: Request, model: type[api._Request]) -> Any:
-        req, _ = await parse_request(request, model, self.cfg, self.key_hashes)
-        return req
+        return await parse_request(request, model, self.cfg, self.key_hashes)
 
     def _adapter_for(self, model: str) -> str | None:
         if model == self.model_id:

@@ -110,8 +110,8 @@ def authorize(request: Request, key_hashes: list[str]) -> None:
 
 async def parse_request(
     request: Request, model: type[api._Request], cfg: ServeConfig, key_hashes: list[str]
-) -> tuple[Any, dict[str, Any]]:
-    """The authorized request validated against raylm's schema, and the JSON body it came from."""
+) -> Any:
+    """The authorized request, validated against raylm's schema (the same for both engines)."""
     authorize(request, key_hashes)
     body = api.parse_body(await read_limited_body(request, cfg.http.max_request_bytes))
     try:
@@ -121,7 +121,7 @@ async def parse_request(
         raise api.OpenAIError(400, message, param=param) from None
     if req.n > cfg.max_n:
         raise api.OpenAIError(400, f"n must be at most {cfg.max_n} (got {req.n})", param="n")
-    return req, body
+    return req
 
 
 def unknown_model(model: str) -> api.OpenAIError:

@@ -213,19 +213,23 @@ class VLLMServer(LLMServer):
     async def http_completions(self, request: Request) -> Response:
         from ray.llm._internal.serve.core.configs.openai_api_models import CompletionRequest
 
-        req, _ = await parse_request(request, api.CompletionRequest, self.cfg, self.key_hashes)
+        started = time.perf_counter()
+        req = await parse_request(request, api.CompletionRequest, self.cfg, self.key_hashes)
         fields = self._engine_fields(req)
         fields["prompt"] = req.prompt
-        return await self._answer(await self.completions(CompletionRequest.model_validate(fields)), req)
+        responses = await self.completions(CompletionRequest.model_validate(fields))
+        return await self._answer(responses, req, started)
 
     async def http_chat(self, request: Request) -> Response:
         from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest
 
-        req, _ = await parse_request(request, api.ChatCompletionRequest, self.cfg, self.key_hashes)
+        started = time.perf_counter()
+        req = await parse_request(request, api.ChatCompletionRequest, self.cfg, self.key_hashes)
         fields = self._engine_fields(req)
         fields["messages"] = req.plain_messages()
         fields["stop"] = req.stop_list() + self.chat_stop
-        return await self._answer(await self.chat(ChatCompletionRequest.model_validate(fields)), req)
+        responses = await self.chat(ChatCompletionRequest.model_validate(fields))
+        return await self._answer(responses, req, started)
 
     async def http_models(self, request: Request) -> Any:
         authorize(request, self.key_hashes)
@@ -256,10 +260,9 @@ class VLLMServer(LLMServer):
             fields["stream_options"] = {"include_usage": True}
         return fields
 
-    async def _answer(self, responses: Any, req: api._Request) -> Response:
+    async def _answer(self, responses: Any, req: api._Request, started: float) -> Response:
         """The engine's output as an HTTP response: its error as raylm's error body with vLLM's status,
-        one JSON body, or a server-sent event stream."""
-        started = time.perf_counter()
+        one JSON body, or a server-sent event stream (`started`: when the route got the request)."""
         first = await anext(responses)
         items = first if isinstance(first, list) else [first]
         if items and hasattr(items[0], "error"):  # an ErrorResponse before any output
