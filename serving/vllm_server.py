@@ -27,7 +27,7 @@ from ray.serve.llm.deployment import LLMServer
 
 from raylm.core import metrics
 from raylm.core.errors import ConfigError
-from raylm.serving import api
+from raylm.serving import api, vllm_checks
 from raylm.serving.config import ServeConfig
 from raylm.serving.engine import DEFAULT_CHAT_STOP, DEFAULT_CHAT_TEMPLATE
 from raylm.serving.gateway import Gateway
@@ -97,10 +97,10 @@ def engine_kwargs(cfg: ServeConfig, catalog: dict[str, str]) -> dict[str, Any]:
         "tensor_parallel_size": cfg.vllm.tensor_parallel_size,
         "gpu_memory_utilization": cfg.vllm.gpu_memory_utilization,
         "enforce_eager": cfg.vllm.enforce_eager,
-        # vLLM's neutral sampling defaults, as the raylm engine's (not generation_config.json's), and
-        # default_max_tokens for a request without max_tokens (vLLM clips it to the room left).
+        # vLLM's neutral sampling defaults, as the raylm engine's (not generation_config.json's).
+        # default_max_tokens is applied per request (VLLMServer._max_tokens): vLLM would read
+        # override_generation_config.max_new_tokens as a cap on every request, not as a default.
         "generation_config": "vllm",
-        "override_generation_config": {"max_new_tokens": cfg.default_max_tokens},
         **lora_kwargs(cfg, catalog),
         **cfg.vllm.engine_kwargs,
     }
@@ -162,6 +162,34 @@ def check_weights(model: str) -> None:
             raise ValueError(f"serve.model {model}: {name} cannot be read: {exc}") from None
 
 
+class PromptLengths:
+    """Prompt token counts, for a request without max_tokens: serve.default_max_tokens, clipped to the room
+    the longest prompt leaves in the context, as the raylm engine does. The model's own tokenizer and chat
+    template, so the counts are vLLM's."""
+
+    def __init__(self, cfg: ServeConfig, chat_template: str | None):
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        self.chat_template, self.default = chat_template, cfg.default_max_tokens
+        self.context = cfg.max_context or int(
+            vllm_checks.read_model_config(cfg.model)["max_position_embeddings"]
+        )
+
+    def completion(self, prompts: list[str]) -> int:
+        return max(len(self.tokenizer(p)["input_ids"]) for p in prompts)  # with special tokens, as vLLM
+
+    def chat(self, messages: list[dict[str, str]]) -> int:
+        text = self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+        )
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def default_max_tokens(self, prompt_tokens: int) -> int:
+        """At least 1: a prompt that fills the context then gets vLLM's context-length error."""
+        return max(1, min(self.default, self.context - prompt_tokens))
+
+
 class VLLMServer(LLMServer):
     """Serve LLM's LLMServer (the vLLM engine) with raylm's routes, reached through `handle_http`."""
 
@@ -178,11 +206,9 @@ class VLLMServer(LLMServer):
         check_weights(self.cfg.model)
         await super().__init__(llm_config)
         self.model_id, self.catalog, self.key_hashes = model_id, dict(catalog), list(api_key_sha256)
-        self.chat_stop = (
-            [DEFAULT_CHAT_STOP]
-            if llm_config.engine_kwargs.get("chat_template") == DEFAULT_CHAT_TEMPLATE
-            else []
-        )
+        self.chat_template = llm_config.engine_kwargs.get("chat_template")
+        self.chat_stop = [DEFAULT_CHAT_STOP] if self.chat_template == DEFAULT_CHAT_TEMPLATE else []
+        self.prompts = PromptLengths(self.cfg, self.chat_template)
         await self._register_adapters()
         self.app = self._routes()
         log.info("serving %s with vLLM (%s), adapters %s", model_id, self.cfg.dtype, sorted(self.catalog))
@@ -217,6 +243,8 @@ class VLLMServer(LLMServer):
         req = await parse_request(request, api.CompletionRequest, self.cfg, self.key_hashes)
         fields = self._engine_fields(req)
         fields["prompt"] = req.prompt
+        if req.max_tokens is None:
+            fields["max_tokens"] = self.prompts.default_max_tokens(self.prompts.completion(req.prompts()))
         responses = await self.completions(CompletionRequest.model_validate(fields))
         return await self._answer(responses, req, started)
 
@@ -228,6 +256,8 @@ class VLLMServer(LLMServer):
         fields = self._engine_fields(req)
         fields["messages"] = req.plain_messages()
         fields["stop"] = req.stop_list() + self.chat_stop
+        if req.max_tokens is None:
+            fields["max_tokens"] = self.prompts.default_max_tokens(self.prompts.chat(fields["messages"]))
         responses = await self.chat(ChatCompletionRequest.model_validate(fields))
         return await self._answer(responses, req, started)
 

@@ -44,6 +44,7 @@ def server(engine, ray_cluster, head32_model_dir, head32_adapters, loopback_port
         app_name="main",
         http={"port": port, "route_prefix": "/"},
         batching={"max_batch_size": 16, "batch_wait_timeout_s": 0.05},
+        default_max_tokens=20,
         niceness=0,
         **(VLLM_CPU if engine == "vllm" else {}),
     )
@@ -115,6 +116,18 @@ def test_completion_counts_tokens(client, head32_model_dir):
         assert out.usage.completion_tokens == 7
     assert out.usage.total_tokens == n_prompt + out.usage.completion_tokens
     assert choice.text and out.model == BASE
+
+
+def test_max_tokens_is_a_default_and_a_bound(client):
+    """No max_tokens: serve.default_max_tokens (20 here); max_tokens above it is honoured, not capped."""
+    outs = {
+        asked: client.completions.create(model=BASE, prompt="the long road", temperature=0, **kw)
+        for asked, kw in ((20, {}), (40, {"max_tokens": 40}))
+    }
+    ran_out = [asked for asked, out in outs.items() if out.choices[0].finish_reason == "length"]
+    assert ran_out, "both stopped early: pick a prompt the tiny model does not end"
+    for asked in ran_out:
+        assert outs[asked].usage.completion_tokens == asked
 
 
 def test_chat_completion(client):
