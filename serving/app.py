@@ -38,6 +38,7 @@ from raylm.serving.http import (
     openai_app,
     parse_request,
     run_forwarded,
+    run_forwarded_whole,
     unknown_model,
 )
 from raylm.serving.scheduler import AsyncEngine, GenerationRequest
@@ -139,6 +140,10 @@ class LLMServer:
         Closing the generator (the client went away) cancels the route, whose stream leaves the batch."""
         async for item in run_forwarded(self.app, meta, body):
             yield item
+
+    async def handle_http_whole(self, meta: dict[str, Any], body: bytes) -> dict[str, Any]:
+        """A forwarded request that does not stream, answered in one reply (http.run_forwarded_whole)."""
+        return await run_forwarded_whole(self.app, meta, body)
 
     async def _parse(self, request: Request, model: type[api._Request]) -> Any:
         return await parse_request(request, model, self.cfg, self.key_hashes)
@@ -308,6 +313,8 @@ def build_app(cfg: ServeConfig, model_id: str, api_key_sha256: list[str] | None 
     server = LLMServer.options(**deployment_options(cfg)).bind(
         init_config(cfg), model_id, list(api_key_sha256 or [])
     )
+    if not cfg.http.gateway:
+        return server  # LLMServer is a FastAPI ingress itself
     return Gateway.options(**gateway_options(cfg)).bind(
         server, cfg.http.max_request_bytes, cfg.retry_after_s, ROUTES
     )

@@ -63,6 +63,10 @@ class HttpConfig(Section):
     """Name of an environment variable holding accepted API keys (comma-separated); None turns auth off."""
     max_request_bytes: Int = Field(4 * 1024 * 1024, ge=1024)
     """Largest request body accepted; a bigger one is answered 413 before the rest of it is read."""
+    gateway: Bool = True
+    """HTTP reaches the replicas through the Gateway, which answers for a replica lost mid-request (503 +
+    Retry-After, or an SSE error event). false: the replicas are the HTTP ingress, one Serve hop less
+    (BENCHMARKS.md prices it), and a lost replica's requests get Ray Serve's plain-text 500."""
 
     @model_validator(mode="after")
     def _prefix(self) -> HttpConfig:

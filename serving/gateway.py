@@ -37,6 +37,9 @@ ATTEMPTS = 2  # a request whose replica died before answering is sent once more
 # A gateway replica only awaits handles: it may hold many requests, and the model replicas' own
 # max_ongoing_requests / max_queued_requests bound the work (their overflow is answered 503 here).
 GATEWAY_MAX_ONGOING = 4096
+# A body without these bytes cannot ask for a stream (an escaped "stream" inside a prompt reads \"stream\"):
+# its answer comes back in one reply. A body with them takes the streaming path, which answers any request.
+STREAM_KEY = b'"stream"'
 
 
 async def read_limited_body(request: Request, limit: int) -> bytes:
@@ -84,7 +87,7 @@ class Gateway:
     def __init__(
         self, server: DeploymentHandle, max_request_bytes: int, retry_after_s: float, routes: list[str]
     ):
-        self.server = server.options(stream=True)
+        self.server, self.whole = server.options(stream=True), server
         self.max_request_bytes, self.retry_after_s = max_request_bytes, retry_after_s
         self.routes = set(routes)  # LLMServer's route paths, to count a 503 given here under its route
 
@@ -95,6 +98,29 @@ class Gateway:
             return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
         meta = request_meta(request)
         route = meta["path"] if meta["path"] in self.routes else "unmatched"
+        if STREAM_KEY in body:
+            return await self._streamed(meta, body, route)
+        return await self._whole(meta, body, route)
+
+    async def _whole(self, meta: dict[str, Any], body: bytes, route: str) -> Response:
+        """A request that cannot stream: its answer in one reply (one message back, where the streaming
+        call sends the response start and the body as two)."""
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                answer = await self.whole.handle_http_whole.remote(meta, body)
+            except BackPressureError:
+                return unavailable("the server is at capacity; retry later", self.retry_after_s, route)
+            except REPLICA_LOST as exc:
+                log.warning("replica lost before answering %s (attempt %d): %s", meta["path"], attempt, exc)
+                continue
+            response = Response(answer["body"], status_code=answer["status"])
+            response.raw_headers = [(bytes(k), bytes(v)) for k, v in answer["headers"]]
+            return response
+        return unavailable(
+            "the model replica serving this request was lost; retry", self.retry_after_s, route
+        )
+
+    async def _streamed(self, meta: dict[str, Any], body: bytes, route: str) -> Response:
         for attempt in range(1, ATTEMPTS + 1):
             stream: DeploymentResponseGenerator = self.server.handle_http.remote(meta, body)
             try:

@@ -183,3 +183,16 @@ async def run_forwarded(app: Any, meta: dict[str, Any], body: bytes) -> AsyncIte
         await task  # raises what the app raised
     finally:
         task.cancel()
+
+
+async def run_forwarded_whole(app: Any, meta: dict[str, Any], body: bytes) -> dict[str, Any]:
+    """run_forwarded's response collected into one {"status", "headers", "body"} (a request that does not
+    stream: one reply to the Gateway instead of two messages)."""
+    answer: dict[str, Any] = {}
+    chunks = []
+    async for item in run_forwarded(app, meta, body):
+        if isinstance(item, dict):
+            answer = item
+        else:
+            chunks.append(item)
+    return {**answer, "body": b"".join(chunks)}

@@ -21,6 +21,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
 from ray.serve import Application
 from ray.serve.llm import LLMConfig, build_llm_deployment
 from ray.serve.llm.deployment import LLMServer
@@ -41,6 +42,7 @@ from raylm.serving.http import (
     openai_app,
     parse_request,
     run_forwarded,
+    run_forwarded_whole,
     unknown_model,
 )
 
@@ -210,7 +212,7 @@ class VLLMServer(LLMServer):
         self.chat_stop = [DEFAULT_CHAT_STOP] if self.chat_template == DEFAULT_CHAT_TEMPLATE else []
         self.prompts = PromptLengths(self.cfg, self.chat_template)
         await self._register_adapters()
-        self.app = self._routes()
+        self.http_app = self._routes()
         log.info("serving %s with vLLM (%s), adapters %s", model_id, self.cfg.dtype, sorted(self.catalog))
 
     async def _register_adapters(self) -> None:
@@ -232,8 +234,17 @@ class VLLMServer(LLMServer):
 
     async def handle_http(self, meta: dict[str, Any], body: bytes) -> AsyncIterator[Any]:
         """One request forwarded by the Gateway, run through raylm's routes (http.run_forwarded)."""
-        async for item in run_forwarded(self.app, meta, body):
+        async for item in run_forwarded(self.http_app, meta, body):
             yield item
+
+    async def handle_http_whole(self, meta: dict[str, Any], body: bytes) -> dict[str, Any]:
+        """A forwarded request that does not stream, answered in one reply (http.run_forwarded_whole)."""
+        return await run_forwarded_whole(self.http_app, meta, body)
+
+    async def __serve_build_asgi_app__(self) -> Any:
+        """The app Serve runs when this deployment is the HTTP ingress itself (serve.http.gateway: false):
+        raylm's routes, not the vLLM app Serve LLM's LLMServer would build."""
+        return self.http_app
 
     # ---- routes ----------------------------------------------------------------------------------
     async def http_completions(self, request: Request) -> Response:
@@ -384,7 +395,9 @@ def build_vllm_app(
         raise ConfigError(exc.message) from None
     server = build_llm_deployment(
         llm_config(cfg, model_id, catalog),
-        deployment_cls=VLLMServer,
+        # Without the Gateway the replicas are the ingress: an ASGI deployment whose app is built at
+        # replica start (VLLMServer.__serve_build_asgi_app__).
+        deployment_cls=VLLMServer if cfg.http.gateway else serve.ingress()(VLLMServer),
         name_prefix="",
         override_serve_options=deployment_options(cfg),
         bind_kwargs={
@@ -394,6 +407,8 @@ def build_vllm_app(
             "api_key_sha256": list(api_key_sha256),
         },
     )
+    if not cfg.http.gateway:
+        return server
     return Gateway.options(**gateway_options).bind(
         server, cfg.http.max_request_bytes, cfg.retry_after_s, ROUTES
     )
