@@ -7,9 +7,12 @@ changed on a running deployment (`serve deploy` with a new `user_config`) withou
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib.util
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raylm.core.schema import Bool, Float, Int, PathOrUri, Section
 
@@ -118,11 +121,27 @@ class VLLMSection(Section):
     env_vars: dict[str, str] = {}
     """Environment of the replicas and their engine processes (e.g. VLLM_CPU_OMP_THREADS_BIND=0-7)."""
 
-    @model_validator(mode="after")
-    def _not_owned(self) -> VLLMSection:
-        for key in sorted(set(self.engine_kwargs) & set(VLLM_OWNED_KWARGS)):
-            raise ValueError(f"engine_kwargs.{key} is set by raylm: use {VLLM_OWNED_KWARGS[key]} instead")
-        return self
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _known_and_not_owned(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        for key in sorted(set(kwargs) & set(VLLM_OWNED_KWARGS)):
+            raise ValueError(f"{key} is set by raylm: use {VLLM_OWNED_KWARGS[key]} instead")
+        known = vllm_argument_names() if kwargs else None
+        for key in sorted(set(kwargs) - (known or set(kwargs))):
+            raise ValueError(f"{key} is not an engine argument of the installed vLLM")
+        return kwargs
+
+
+@functools.cache
+def vllm_argument_names() -> frozenset[str] | None:
+    """The engine and frontend argument names of the installed vLLM (what Serve LLM accepts in
+    engine_kwargs); None without vLLM, whose absence the engine's preflight reports (vllm_checks)."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    return frozenset(f.name for cls in (AsyncEngineArgs, FrontendArgs) for f in dataclasses.fields(cls))
 
 
 class ServeConfig(Section):

@@ -28,6 +28,7 @@ CPU = {"engine": "vllm", "dtype": "float32"}
         ({"quantization": {"method": "awq"}}, "set engine: vllm"),
         ({"engine": "vllm", "quantization": {"method": "fp8"}}, "fp8 runs on GPUs only"),
         ({"engine": "vllm", "vllm": {"engine_kwargs": {"max_model_len": 64}}}, "use serve.max_context"),
+        ({"engine": "vllm", "vllm": {"engine_kwargs": {"hostile": [1]}}}, "serve.vllm.engine_kwargs"),
         ({"engine": "vllm", "vllm": {"tensor_parallel_size": 2}, "num_gpus": 1}, "num_gpus must be 2"),
         ({"engine": "vllm", "num_gpus": 2}, "set vllm.tensor_parallel_size"),
         ({"engine": "sglang"}, "serve.engine"),

@@ -90,8 +90,11 @@ def signal_after_checkpoints(
             while time.time() < deadline:
                 pids = [p for p in train_worker_pids() if p not in done]
                 if committed(checkpoint_dir) and len(pids) >= 1 and not done & set(train_worker_pids()):
+                    try:
+                        os.kill(pids[-1], sig)
+                    except ProcessLookupError:  # it exited between the listing and the signal: list again
+                        continue
                     sent.append({"pid": pids[-1], "sig": sig, "t_kill": time.time()})
-                    os.kill(pids[-1], sig)
                     break
                 time.sleep(0.02)
 
