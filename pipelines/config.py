@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -14,6 +15,10 @@ MAX_NGRAM = 100
 MAX_SEQ_LEN = 2**20  # a packed sequence is built in memory on one worker
 NgramSize = Annotated[Int, Field(ge=1, le=MAX_NGRAM)]
 NgramShare = Annotated[Float, Field(gt=0, le=1)]
+LANGUAGE_CODE = re.compile(r"^[a-z]{2,3}(_[A-Za-z]{4})?$")  # ISO 639-1 (en), 639-3 (yue), fastText's eng_Latn
+SHIPPED_CATEGORIES = ("profanity", "adult", "violence")  # English lists in pipelines/data/sensitive/
+# A category names a column field and a reject detail: lowercase letters, digits and underscores.
+CategoryName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")]
 
 
 class SourceConfig(Section):
@@ -99,6 +104,73 @@ class PIIConfig(Section):
     """Placeholder for phone numbers."""
 
 
+class LanguageConfig(Section):
+    """Language identification (pipelines/langid.py); the section's presence switches it on."""
+
+    enabled: Bool = True
+    """Label each document with its language and confidence, and keep the languages listed in keep."""
+    keep: list[str] = ["en"]
+    """Language codes to keep (ISO 639-1 with the bundled model); an empty list keeps all (labels only)."""
+    min_confidence: Fraction = 0.5
+    """Drop a document of a kept language whose confidence (probability of its language) is below this."""
+    model_path: PathOrUri | None = None
+    """A fastText language-ID model (.bin, e.g. lid.176.bin) to use instead of langid.py's bundled model; needs `pip install fasttext-wheel`."""
+    max_chars: Int | None = Field(2000, ge=1)
+    """Identify the language from the first this many characters (null: the whole text)."""
+
+    @field_validator("keep")
+    @classmethod
+    def _codes(cls, keep: list[str]) -> list[str]:
+        bad = [code for code in keep if not LANGUAGE_CODE.match(code)]
+        if bad:
+            raise ValueError(f"not language codes: {bad} (ISO 639-1 such as en, de, fr)")
+        return keep
+
+    @field_validator("model_path")
+    @classmethod
+    def _fasttext_installed(cls, path: str | None) -> str | None:
+        from importlib.util import find_spec
+
+        if path is not None and find_spec("fasttext") is None:
+            raise ValueError("a fastText model needs the fasttext package: pip install fasttext-wheel")
+        return path
+
+
+class SensitiveCategoryConfig(Section):
+    words: PathOrUri | None = None
+    """File of words and phrases, one per line (# starts a comment), matched case-insensitively on word boundaries."""
+    patterns: PathOrUri | None = None
+    """File of RE2 regular expressions, one per line, matched case-insensitively (with neither file: the shipped lists)."""
+    action: Literal["drop", "mask"] = "drop"
+    """drop: drop a document above max_per_1000_words; mask: replace every match with the mask text."""
+    max_per_1000_words: Float = Field(1.0, ge=0)
+    """With action drop: drop a document with more matches per 1000 words than this (0: any match drops it)."""
+    mask: str | None = None
+    """With action mask: the text that replaces each match; null: <CATEGORY> (the name in capitals)."""
+
+
+class SensitiveConfig(Section):
+    """Sensitive-content rules (pipelines/sensitive.py); the section's presence switches them on."""
+
+    enabled: Bool = True
+    """Count matches of each category's words and patterns, and drop or mask as the category says."""
+    categories: dict[CategoryName, SensitiveCategoryConfig] = Field(
+        default_factory=lambda: {name: SensitiveCategoryConfig() for name in SHIPPED_CATEGORIES},
+        min_length=1,
+    )
+    """Categories by name; profanity, adult and violence have shipped English lists."""
+
+    @model_validator(mode="after")
+    def _lists(self) -> SensitiveConfig:
+        for name, category in self.categories.items():
+            if category.words is None and category.patterns is None and name not in SHIPPED_CATEGORIES:
+                raise ValueError(
+                    f"category '{name}' has no shipped lists ({', '.join(SHIPPED_CATEGORIES)} do): "
+                    f"set categories.{name}.words or categories.{name}.patterns"
+                )
+        return self
+
+
 class NearDedupConfig(Section):
     enabled: Bool = True
     """Remove near-duplicates with MinHash LSH."""
@@ -148,6 +220,10 @@ class DataConfig(Section):
     """Quality filters."""
     pii: PIIConfig = PIIConfig()
     """PII scrubbing."""
+    sensitive: SensitiveConfig | None = None
+    """Sensitive-content rules (profanity, adult, violence, your own lists); off unless the recipe has the section."""
+    language: LanguageConfig | None = None
+    """Language identification; off unless the recipe has the section."""
     exact_dedup: Bool = True
     """Remove documents whose normalized text is identical (keeps the smallest id)."""
     near_dedup: NearDedupConfig = NearDedupConfig()

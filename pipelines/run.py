@@ -1,7 +1,8 @@
 """`raylm curate`: corpus files -> clean, deduplicated documents, a tokenizer and packed token shards.
 
-The pipeline is written out in plain sight below: read -> normalize -> scrub PII -> quality filters ->
-exact dedup -> near dedup -> split -> tokenizer -> tokenize -> pack -> shards. Each phase streams through
+The pipeline is written out in plain sight below: read -> normalize -> scrub PII -> sensitive content ->
+language ID -> quality filters -> exact dedup -> near dedup -> split -> tokenizer -> tokenize -> pack ->
+shards (the two middle stages only when the recipe has their sections). Each phase streams through
 Ray Data and is materialized once where two consumers need it (kept rows and rejects, say); the driver
 only ever sees counts. Output lands atomically (core.storage.staged_output) with manifest.json last.
 """
@@ -24,20 +25,39 @@ from raylm.core.artifacts import CLUSTERS_FILE, CURATED, SPLITS, CuratedDir
 from raylm.core.config import PlatformConfig, dump_config
 from raylm.core.errors import InputError
 from raylm.core.lineage import fingerprint, read_manifest, write_manifest
-from raylm.pipelines import readers
+from raylm.pipelines import langid, readers, sensitive
 from raylm.pipelines.config import DataConfig
 from raylm.pipelines.dedup.exact import exact_duplicates
 from raylm.pipelines.dedup.removal import cluster_table, near_duplicate_ids, without
 from raylm.pipelines.filters import FILTER_REASONS, QualityFilter, reason_kind
+from raylm.pipelines.langid import LANGUAGE_REASONS, LanguageID
 from raylm.pipelines.normalize import NORMALIZE_REASONS, Normalize, ScrubPII
 from raylm.pipelines.pack import add_bucket, assign_split, num_buckets, pack_group
 from raylm.pipelines.readers import READ_REASONS
-from raylm.pipelines.summary import StageRow, record_stages, render_summary
+from raylm.pipelines.sensitive import SENSITIVE_REASONS, SensitiveContent
+from raylm.pipelines.summary import StageRow, languages_line, record_stages, render_summary, sensitive_line
 from raylm.pipelines.tokenize import Tokenize, check_tokenizer_dir, load_tokenizer, train_tokenizer
 from raylm.pipelines.unique_ids import set_aside_later_claims
 from raylm.pipelines.write import write_shards, write_table
 
 log = logging.getLogger("raylm")
+
+# The stages of the fused cleaning pass that reject rows, in order, with the reasons each declares: the
+# manifest's drops and the dropped-documents gauge (its `stage` tag) are split by these.
+STAGE_REASONS = {
+    "read": READ_REASONS,
+    "normalize": NORMALIZE_REASONS,
+    "sensitive": SENSITIVE_REASONS,
+    "language": LANGUAGE_REASONS,
+    "filters": FILTER_REASONS,
+}
+STAGE_NAMES = {  # the summary table's and the gauges' names of those stages
+    "read": "read",
+    "normalize": "normalize",
+    "sensitive": "sensitive content",
+    "language": "language ID",
+    "filters": "quality filters",
+}
 
 
 @dataclass
@@ -57,7 +77,17 @@ def preflight(cfg: PlatformConfig) -> None:
     readers.find_inputs(cfg.data.sources)
     if cfg.data.tokenizer.path:
         check_tokenizer_dir(cfg.data.tokenizer.path, "data.tokenizer.path")
+    if _on(cfg.data.sensitive):
+        sensitive.load_categories(cfg.data.sensitive)  # the lists exist and the patterns compile
+    model = cfg.data.language.model_path if _on(cfg.data.language) else None
+    if model and not storage.exists(model):
+        raise InputError(f"data.language.model_path: file not found: {model}")
     check_output(cfg)
+
+
+def _on(section) -> bool:
+    """An optional stage runs when the recipe has its section and does not switch it off."""
+    return section is not None and section.enabled
 
 
 def check_output(cfg: PlatformConfig) -> None:
@@ -77,28 +107,54 @@ def _keep_clean(t: pa.Table) -> pa.Table:
     return t.filter(pc.is_null(t.column("reject"))).drop_columns(["reject"])
 
 
-def _reason_counts(t: pa.Table) -> pa.Table:
-    """Rows of one block per reject kind ('' for rows that go on): rows read, drops by reason and the
-    rows kept all come from one pass over these few rows per block."""
+def _block_counts(t: pa.Table) -> pa.Table:
+    """A few rows of one block: (reason, reject kind, rows; '' for rows that go on), (language, label,
+    documents) and (sensitive, category.count, n) when those stages ran. Rows read, drops by reason,
+    rows kept and the stages' own counts all come from one pass over these rows."""
     counted = pc.value_counts(pc.fill_null(reason_kind(t.column("reject")), ""))
-    return pa.table({"reason": counted.field("values"), "n": counted.field("counts")})
+    counts = {
+        ("reason", k): n
+        for k, n in zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())
+    }
+    if langid.LABEL in t.column_names:
+        counts |= {("language", k): n for k, n in langid.block_counts(t).items()}
+    if sensitive.COLUMN in t.column_names:
+        counts |= {("sensitive", k): n for k, n in sensitive.block_counts(t).items()}
+    groups, keys = zip(*counts) if counts else ((), ())
+    return pa.table(
+        {"group": list(groups), "key": list(keys), "n": pa.array(list(counts.values()), pa.int64())}
+    )
 
 
-def _tally_reasons(cleaned) -> tuple[int, dict[str, int], int]:
-    """(rows, drops by reason, rows kept) of the cleaned rows."""
-    totals: Counter[str] = Counter()
-    for row in cleaned.map_batches(_reason_counts, batch_format="pyarrow").take_all():
-        totals[row["reason"]] += int(row["n"])
-    kept = totals.pop("", 0)
-    return sum(totals.values()) + kept, dict(sorted(totals.items())), kept
+def _tally_cleaned(cleaned, tally: Tally) -> None:
+    """Rows read, drops by reason, rows kept, languages and sensitive matches of the cleaned rows."""
+    totals: dict[str, Counter[str]] = {"reason": Counter(), "language": Counter(), "sensitive": Counter()}
+    for row in cleaned.map_batches(_block_counts, batch_format="pyarrow").take_all():
+        totals[row["group"]][row["key"]] += int(row["n"])
+    reasons = totals["reason"]
+    tally.after_filters = reasons.pop("", 0)
+    tally.rows_read = sum(reasons.values()) + tally.after_filters
+    tally.drops = dict(sorted(reasons.items()))
+    tally.languages = dict(totals["language"].most_common())
+    tally.sensitive = dict(totals["sensitive"])
 
 
 def _clean(data: DataConfig, files: list[readers.InputFile]):
-    """read -> normalize -> PII -> quality filters, one fused streaming pass; rejected rows keep a reason."""
+    """read -> normalize -> PII -> sensitive content -> language ID -> quality filters, one fused
+    streaming pass; rejected rows keep a reason. Cheapest first (benchmarks/curate_stages.py, MB/s on
+    one CPU: PII ~140, sensitive content ~130, normalize ~28, language ID ~6, quality filters ~3), so
+    the costly stages see fewer rows; language ID also goes before the quality rules, whose stop-word
+    rule is English-only, so a document in another language is dropped for its language."""
     ds = readers.read_corpus(files)
     ds = ds.map_batches(Normalize(data.normalize), batch_format="pyarrow", batch_size=data.batch_size)
     if data.pii.enabled:
         ds = ds.map_batches(ScrubPII(data.pii), batch_format="pyarrow", batch_size=data.batch_size)
+    if _on(data.sensitive):
+        ds = ds.map_batches(
+            SensitiveContent(data.sensitive), batch_format="pyarrow", batch_size=data.batch_size
+        )
+    if _on(data.language):
+        ds = ds.map_batches(LanguageID(data.language), batch_format="pyarrow", batch_size=data.batch_size)
     return ds.map_batches(QualityFilter(data.filters), batch_format="pyarrow", batch_size=data.batch_size)
 
 
@@ -150,14 +206,16 @@ def _train_or_load_tokenizer(data: DataConfig, docs, n_docs: int, out_dir: str) 
     )
 
 
-def drops_by_stage(drops: dict[str, int]) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
-    """Drops split by the stage that declares their reason (read, normalize, filters). A reason no stage
-    declares is a bug, not a filter drop: it fails the run instead of being miscounted."""
-    declared = (READ_REASONS, NORMALIZE_REASONS, FILTER_REASONS)
-    unknown = set(drops) - set().union(*declared)
+def drops_by_stage(drops: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Drops split by the stage that declares their reason (STAGE_REASONS: read, normalize, sensitive,
+    language, filters; every stage named, {} where none). A reason no stage declares is a bug, not a
+    filter drop: it fails the run instead of being miscounted."""
+    unknown = set(drops) - set().union(*STAGE_REASONS.values())
     if unknown:
         raise RuntimeError(f"curation bug: reject reasons {sorted(unknown)} are declared by no stage")
-    return tuple({k: v for k, v in drops.items() if k in reasons} for reasons in declared)
+    return {
+        stage: {k: v for k, v in drops.items() if k in reasons} for stage, reasons in STAGE_REASONS.items()
+    }
 
 
 def check_counts_never_grow(stages: list[tuple[str, int]]) -> None:
@@ -184,6 +242,8 @@ class Tally:
 
     rows_read: int = 0
     drops: dict[str, int] = field(default_factory=dict)
+    languages: dict[str, int] = field(default_factory=dict)  # documents per language label (language ID)
+    sensitive: dict[str, int] = field(default_factory=dict)  # "category.matches" etc. (sensitive content)
     after_filters: int = 0
     after_exact_dedup: int = 0
     after_near_dedup: int = 0
@@ -217,8 +277,8 @@ def run(cfg: PlatformConfig) -> dict:
         times.lap("tokenize_pack_write")
         counts = _write_manifest(staging, data, inputs, tally, times)
 
-    _record_metrics(cfg.name, counts, tally, times)
-    print(_summary(counts, times, inputs, data.seq_len, tally.vocab), flush=True)
+    _record_metrics(cfg.name, counts, tally, times, data)
+    print(_summary(counts, times, inputs, data, tally), flush=True)
     log.info("curated data written to %s", out)
     return read_manifest(out)
 
@@ -232,24 +292,24 @@ def curate_documents(data: DataConfig, files, parts: int, staging: CuratedDir, t
     return _deduplicate(kept, data, parts, staging, tally, times)
 
 
-def _record_metrics(run_name: str, counts: dict, tally: Tally, times: Timings) -> None:
+def _record_metrics(run_name: str, counts: dict, tally: Tally, times: Timings, data: DataConfig) -> None:
     """The run's tallies as the curation gauges of core/metrics.py (the same numbers as the manifest)."""
     tags = {"run": run_name}
     metrics.record(metrics.CURATE_DOCUMENTS_IN, counts["documents_read"], tags)
     metrics.record(metrics.CURATE_DOCUMENTS_OUT, counts["after_near_dedup"], tags)
     metrics.record(metrics.CURATE_TOKENS, counts["packed_tokens"], tags)
     metrics.record(metrics.CURATE_RUNS, 1, tags)
-    record_stages(_stage_rows(counts, times), run_name)
+    record_stages(_stage_rows(counts, times, data), run_name)
     duplicates = counts["after_filters"] - counts["after_near_dedup"]
     metrics.record(metrics.CURATE_DUPLICATE_RATIO, duplicates / max(counts["after_filters"], 1), tags)
     total_s = max(sum(times.seconds.values()), 1e-9)
     metrics.record(metrics.CURATE_MEGABYTES_PER_SECOND, counts["input_bytes"] / 1e6 / total_s, tags)
-    read, norm, kept = drops_by_stage(tally.drops)
+    cleaning = {STAGE_NAMES[stage]: drops for stage, drops in drops_by_stage(tally.drops).items()}
     dedup = {
         "exact dedup": {"exact_duplicate": counts["after_filters"] - counts["after_exact_dedup"]},
         "near dedup": {"near_duplicate": counts["after_exact_dedup"] - counts["after_near_dedup"]},
     }
-    for stage, drops in {"read": read, "normalize": norm, "quality filters": kept, **dedup}.items():
+    for stage, drops in {**cleaning, **dedup}.items():
         for reason, n in drops.items():
             metrics.record(metrics.CURATE_DROPPED_DOCUMENTS, n, tags | {"stage": stage, "reason": reason})
 
@@ -260,7 +320,7 @@ def _read_clean_filter(data: DataConfig, files, parts: int, staging: CuratedDir,
     (unique_ids.py). Every count comes from one pass that returns a few rows per block."""
     cleaned = _clean(data, files).materialize()
     cleaned = set_aside_later_claims(cleaned, parts).materialize()
-    tally.rows_read, tally.drops, tally.after_filters = _tally_reasons(cleaned)
+    _tally_cleaned(cleaned, tally)
     rejected = cleaned.map_batches(_keep_rejected, batch_format="pyarrow")
     if not data.write_rejects:
         rejected = rejected.map_batches(_keep_read_rejects, batch_format="pyarrow")
@@ -360,17 +420,20 @@ def _sequences(tally: Tally) -> dict[str, int]:
 
 
 def _counts(
-    tally: Tally, drops: tuple[dict, dict, dict], inputs: readers.Inputs, in_bytes: int, seq_len: int
+    tally: Tally, drops: dict[str, dict], inputs: readers.Inputs, in_bytes: int, seq_len: int
 ) -> dict:
     """The manifest's counts, after checking that no stage passed on more documents than it got."""
-    read_drops, norm_drops, _ = drops
-    n_valid = tally.rows_read - sum(read_drops.values())
-    n_normalized = n_valid - sum(norm_drops.values())
+    n_valid = tally.rows_read - sum(drops["read"].values())
+    n_normalized = n_valid - sum(drops["normalize"].values())
+    n_sensitive = n_normalized - sum(drops["sensitive"].values())
+    n_language = n_sensitive - sum(drops["language"].values())
     check_counts_never_grow(
         [
             ("rows read", tally.rows_read),
             ("documents read", n_valid),
             ("normalize", n_normalized),
+            ("sensitive content", n_sensitive),
+            ("language ID", n_language),
             ("quality filters", tally.after_filters),
             ("exact dedup", tally.after_exact_dedup),
             ("near dedup", tally.after_near_dedup),
@@ -386,6 +449,8 @@ def _counts(
         "rows_read": tally.rows_read,
         "documents_read": n_valid,
         "after_normalize": n_normalized,
+        "after_sensitive": n_sensitive,
+        "after_language": n_language,
         "after_filters": tally.after_filters,
         "after_exact_dedup": tally.after_exact_dedup,
         "after_near_dedup": tally.after_near_dedup,
@@ -400,26 +465,33 @@ def _counts(
     }
 
 
-def _summary(counts: dict, times: Timings, inputs: readers.Inputs, seq_len: int, vocab: int) -> str:
+def _summary(counts: dict, times: Timings, inputs: readers.Inputs, data: DataConfig, tally: Tally) -> str:
     """The table printed at the end: documents in and out per stage, time and throughput."""
-    c = counts
-    rows = _stage_rows(counts, times)
+    c, seq_len, vocab = counts, data.seq_len, tally.vocab
+    rows = _stage_rows(counts, times, data)
     seqs = c["sequences"]
     return render_summary(rows, sum(times.seconds.values()), c["input_bytes"]) + (
         f"\nfiles not read: {_skipped_line(inputs.skipped) or 'none'}"
+        f"{languages_line(tally.languages)}{sensitive_line(_sensitive_block(data, tally))}"
         f"\n{c['tokens']:,} tokens -> {seqs['train']:,} train + {seqs['eval']:,} eval sequences of "
         f"{seq_len} ({c['tokens_dropped_in_packing']:,} tail tokens dropped in packing); vocab {vocab:,}"
         f"{_held_apart_line(c)}"
     )
 
 
-def _stage_rows(c: dict, times: Timings) -> list[StageRow]:
-    """Documents in and out of each stage, with the phase timings: the summary table and its gauges."""
+def _stage_rows(c: dict, times: Timings, data: DataConfig) -> list[StageRow]:
+    """Documents in and out of each stage, with the phase timings: the summary table and its gauges
+    (the optional stages only when they ran)."""
     t = times.seconds
+    optional = [
+        StageRow(STAGE_NAMES["sensitive"], c["after_normalize"], c["after_sensitive"]),
+        StageRow(STAGE_NAMES["language"], c["after_sensitive"], c["after_language"]),
+    ]
     return [
         StageRow("read", c["rows_read"], c["documents_read"], t["read_clean_filter"], c["input_bytes"]),
         StageRow("normalize", c["documents_read"], c["after_normalize"]),
-        StageRow("quality filters", c["after_normalize"], c["after_filters"]),
+        *(row for row, on in zip(optional, (_on(data.sensitive), _on(data.language))) if on),
+        StageRow("quality filters", c["after_language"], c["after_filters"]),
         StageRow("exact dedup", c["after_filters"], c["after_exact_dedup"], t["exact_dedup"]),
         StageRow("near dedup", c["after_exact_dedup"], c["after_near_dedup"], t["near_dedup_and_docs"]),
         StageRow("tokenize + pack", c["after_near_dedup"], c["after_near_dedup"], t["tokenize_pack_write"]),
@@ -437,6 +509,11 @@ def _held_apart_line(c: dict) -> str:
         f"{c['finetune_eval_documents']:,} finetune_eval) -> {seqs['finetune']:,} finetune + "
         f"{seqs['finetune_eval']:,} finetune_eval sequences"
     )
+
+
+def _sensitive_block(data: DataConfig, tally: Tally) -> dict | None:
+    """The manifest's per-category matches, documents and drops, when the stage ran."""
+    return sensitive.summarize(tally.sensitive, data.sensitive) if _on(data.sensitive) else None
 
 
 def _write_manifest(
@@ -458,7 +535,9 @@ def _write_manifest(
             "skipped_files": dict(sorted(inputs.skipped.items())),
         },
         counts=counts,
-        drops={"read": drops[0], "normalize": drops[1], "filters": drops[2]},
+        drops=drops,
+        language={"documents": tally.languages} if _on(data.language) else None,
+        sensitive=_sensitive_block(data, tally),
         timings={
             **times.seconds,
             "total": round(total, 3),

@@ -38,3 +38,27 @@ def record_stages(rows: list[StageRow], run: str) -> None:
         metrics.record(metrics.CURATE_STAGE_DOCUMENTS_OUT, r.docs_out, tags)
         if r.seconds is not None:
             metrics.record(metrics.CURATE_STAGE_SECONDS, r.seconds, tags)
+
+
+def languages_line(languages: dict[str, int], shown: int = 6) -> str:
+    """The most frequent language labels, when language ID ran: 'languages: en 2,401, de 3, ... and 92
+    in 25 other languages'."""
+    if not languages:
+        return ""
+    top = sorted(languages.items(), key=lambda kv: (-kv[1], kv[0]))
+    rest = sum(n for _, n in top[shown:])
+    more = f" and {rest:,} in {len(top) - shown} other languages" if rest else ""
+    return "\nlanguages: " + ", ".join(f"{k} {n:,}" for k, n in top[:shown]) + more
+
+
+def sensitive_line(categories: dict[str, dict] | None) -> str:
+    """Matches per sensitive-content category, when the stage ran: 'sensitive content: adult 3 matches
+    in 2 documents, 2 dropped; profanity 5 matches in 4 documents, masked'."""
+    if categories is None:
+        return ""
+    parts = [
+        f"{name} {c['matches']:,} matches in {c['documents']:,} documents, "
+        + (f"{c['dropped']:,} dropped" if c["action"] == "drop" else "masked")
+        for name, c in categories.items()
+    ]
+    return "\nsensitive content: " + "; ".join(parts)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from raylm.core import metrics
-from raylm.pipelines import filters, normalize, readers
+from raylm.pipelines import filters, langid, normalize, readers, sensitive
 from raylm.pipelines.run import drops_by_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,8 +127,40 @@ def test_every_reader_reason_is_a_declared_constant():
     assert len(assigned) + len(passed) >= 12
 
 
+def test_every_language_and_sensitive_reason_starts_with_a_declared_constant():
+    """Their reasons are f-strings that open with the stage's constant: f"{LANGUAGE}: ...", f"{SENSITIVE}[...]"."""
+    for module, declared, at_least in (
+        (langid, langid.LANGUAGE_REASONS, 2),
+        (sensitive, sensitive.SENSITIVE_REASONS, 1),
+    ):
+        constants = {k for k, v in vars(module).items() if isinstance(v, str) and v in declared}
+        heads = [
+            n.values[0].value.id
+            for n in ast.walk(ast.parse(Path(module.__file__).read_text()))
+            if isinstance(n, ast.JoinedStr)
+            and isinstance(n.values[0], ast.FormattedValue)
+            and isinstance(n.values[0].value, ast.Name)
+            and n.values[0].value.id.isupper()
+        ]
+        assert set(heads) <= constants and len(heads) >= at_least, (module.__name__, heads)
+
+
 def test_drops_of_an_undeclared_reason_fail_the_run():
-    read, norm, kept = drops_by_stage({readers.DUPLICATE_ID: 2, normalize.EMPTY_TEXT: 1, "min_words": 4})
-    assert (read, norm, kept) == ({readers.DUPLICATE_ID: 2}, {normalize.EMPTY_TEXT: 1}, {"min_words": 4})
+    drops = {
+        readers.DUPLICATE_ID: 2,
+        normalize.EMPTY_TEXT: 1,
+        sensitive.SENSITIVE: 3,
+        langid.LANGUAGE: 5,
+        langid.LANGUAGE_CONFIDENCE: 6,
+        "min_words": 4,
+    }
+    assert drops_by_stage(drops) == {
+        "read": {readers.DUPLICATE_ID: 2},
+        "normalize": {normalize.EMPTY_TEXT: 1},
+        "sensitive": {sensitive.SENSITIVE: 3},
+        "language": {langid.LANGUAGE: 5, langid.LANGUAGE_CONFIDENCE: 6},
+        "filters": {"min_words": 4},
+    }
+    assert drops_by_stage({})["language"] == {}  # every stage named, empty where it dropped nothing
     with pytest.raises(RuntimeError, match="declared by no stage"):
         drops_by_stage({"brand_new_reason": 1})
