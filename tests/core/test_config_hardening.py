@@ -70,10 +70,23 @@ def _leaves_of(tp: Any, key: str, wrap) -> list[tuple[str, str, Any]]:
         return [(key, "int", wrap)]
     if origin is dict:
         k_tp, v_tp = get_args(tp)
-        return [
-            *_leaves_of(k_tp, f"{key}.[key]", lambda v, w=wrap: w({v: 0.1})),
-            *_leaves_of(v_tp, f"{key}.2", lambda v, w=wrap: w({2: v})),
-        ]
+        # A valid key of the dict's key type: n-gram sizes are ints, sensitive-content categories are
+        # names (profanity has a shipped list, so the category is complete without files).
+        good = 2 if _strip(k_tp) is int else "profanity"
+        values = (
+            # The value is a section: nest each leaf under its field names, as _tree_for does at the top.
+            [
+                (
+                    f"{key}.{good}.{k}",
+                    kind,
+                    lambda v, w=wrap, g=good, k=k, s=s: w({g: _tree_for(k.split("."), s(v), _strip(v_tp))}),
+                )
+                for k, kind, s in leaves(_strip(v_tp))
+            ]
+            if isinstance(_strip(v_tp), type) and issubclass(_strip(v_tp), Section)
+            else _leaves_of(v_tp, f"{key}.{good}", lambda v, w=wrap, g=good: w({g: v}))
+        )
+        return [*_leaves_of(k_tp, f"{key}.[key]", lambda v, w=wrap: w({v: 0.1})), *values]
     if origin is tuple:
         args = get_args(tp)
         return [
@@ -99,9 +112,9 @@ def set_leaf(key: str, value: Any) -> dict[str, Any]:
     return deep_merge(FULL, tree)
 
 
-def _tree_for(parts: list[str], value: Any) -> dict[str, Any]:
-    """Nest `value` under the section path of a leaf key (stopping at the field that owns the value)."""
-    node: Any = PlatformConfig
+def _tree_for(parts: list[str], value: Any, root: type[Section] = PlatformConfig) -> dict[str, Any]:
+    """Nest `value` under the section path of a leaf key below `root` (stopping at the field that owns the value)."""
+    node: Any = root
     path = []
     for part in parts:
         if not (isinstance(node, type) and issubclass(node, Section)):
