@@ -7,7 +7,7 @@ s3:// / gs:// URI) and names its parts; `validate()` raises InputError naming wh
     run_dir/                      RunDir
       curated/                    CuratedDir  (raylm curate)
         shards/{split}-NNNNN.bin + {split}.index.json (token shards, see CuratedDir), tokenizer/, docs/,
-        dedup/clusters.parquet, rejects/, manifest.json
+        dedup/clusters.parquet, rejects/, report.html + report.png, manifest.json
       train/                      TrainDir    (raylm train)
         checkpoints/, export/ (ExportDir), metrics.jsonl, loss_curve.png, probe_logits.safetensors,
         manifest.json
@@ -96,6 +96,16 @@ class CuratedDir:
     @property
     def rejects(self) -> str:
         return join(self.root, "rejects")
+
+    @property
+    def report(self) -> str:
+        """The data report (self-contained HTML: the figure embedded, tables of the numbers)."""
+        return join(self.root, "report.html")
+
+    @property
+    def report_png(self) -> str:
+        """The data report's figure: documents per stage, drops, languages, lengths, scores, clusters."""
+        return join(self.root, "report.png")
 
     @property
     def manifest(self) -> str:
@@ -283,3 +293,31 @@ class RunDir:
     @property
     def serve_config(self) -> str:
         return join(self.serve, "serve_config.yaml")
+
+
+COMPRESS = "compress"  # the `kind` of the compression output
+
+
+@dataclass(frozen=True)
+class CompressDir:
+    """The compression output (raylm compress): one HF model folder per method (`gptq_w4a16/`, `w8a8/`,
+    `sparse_2of4/`, ...; each loads with from_pretrained and serves with `serve.model` pointed at it),
+    compare.json (the comparison table), manifest.json (parents: the model's and the data's manifests)."""
+
+    root: str
+
+    @classmethod
+    def under(cls, run: RunDir) -> CompressDir:
+        """The default output of a run."""
+        return cls(join(run.root, COMPRESS))
+
+    def method(self, name: str) -> ExportDir:
+        return ExportDir(join(self.root, name))
+
+    @property
+    def compare_json(self) -> str:
+        return join(self.root, "compare.json")
+
+    @property
+    def manifest(self) -> str:
+        return join(self.root, storage.MANIFEST)

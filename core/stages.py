@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from raylm.core.artifacts import RunDir, TrainDir
+from raylm.compression.config import CompressConfig
+from raylm.core.artifacts import CompressDir, RunDir, TrainDir
 from raylm.core.schema import Section
 from raylm.pipelines.config import DataConfig
 from raylm.serving.config import ServeConfig
@@ -116,6 +117,20 @@ STAGES: tuple[Stage, ...] = (
         ),
         flags=(
             Flag("--resume", "continue a killed sweep in tune.output (Tuner.restore)", "tune.resume=true"),
+        ),
+    ),
+    Stage(
+        name="compress",
+        section="compress",
+        config=CompressConfig,
+        run="raylm.compression.run:run",
+        preflight="raylm.compression.run:preflight",
+        help="quantize (GPTQ W4A16, SmoothQuant W8A8) or prune (2:4, unstructured) the trained model (compression/)",
+        output_field="output",
+        default_output=lambda run: CompressDir.under(run).root,
+        inputs=(
+            Input("model", "train", lambda output: TrainDir(output).export.root),
+            Input("data_dir", "curate"),
         ),
     ),
     Stage(

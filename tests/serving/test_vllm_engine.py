@@ -72,6 +72,29 @@ def test_an_architecture_vllm_lacks_is_refused(head32_model_dir, tmp_path):
     vllm_checks.check(ServeConfig(**CPU, model=head32_model_dir))  # the real one passes
 
 
+def _compressed(model_dir, tmp_path, input_activations) -> str:
+    """The model with a compressed-tensors quantization_config (as raylm compress writes) in its config.json."""
+    model = shutil.copytree(model_dir, tmp_path / "compressed")
+    config = json.loads((model / "config.json").read_text())
+    group = {
+        "weights": {"num_bits": 4 if input_activations is None else 8},
+        "input_activations": input_activations,
+    }
+    quant = {"quant_method": "compressed-tensors", "config_groups": {"group_0": group}}
+    (model / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    return str(model)
+
+
+def test_a_w4a16_checkpoint_is_refused_on_vllm_cpu_and_w8a8_passes(head32_model_dir, tmp_path):
+    w4a16 = _compressed(head32_model_dir, tmp_path / "a", input_activations=None)
+    with pytest.raises(ConfigError, match=r"W4A16.*engine: raylm"):
+        vllm_checks.check(ServeConfig(**CPU, model=w4a16))
+    w8a8 = _compressed(head32_model_dir, tmp_path / "b", input_activations={"num_bits": 8, "dynamic": True})
+    vllm_checks.check(ServeConfig(**CPU, model=w8a8))
+    with pytest.raises(ConfigError, match="already quantized"):
+        vllm_checks.check(ServeConfig(**CPU, model=w8a8, quantization={"method": "bitsandbytes"}))
+
+
 def test_serve_section_maps_onto_engine_arguments(head32_model_dir, head32_adapters):
     from raylm.serving.vllm_server import engine_kwargs, resources
 

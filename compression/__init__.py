@@ -1,0 +1,1 @@
+"""raylm compress: calibrated quantization and pruning of a trained model."""
