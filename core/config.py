@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
@@ -46,6 +47,31 @@ class RayConfig(Section):
     """Forward worker logs to the driver's terminal."""
 
 
+class TrackingConfig(Section):
+    """Experiment tracking in MLflow (core/tracking.py): a run per train / tune stage, a child per trial."""
+
+    enabled: Bool = True
+    """Record train and tune runs in MLflow; a store that cannot be reached warns once and is skipped."""
+    uri: str | None = None
+    """MLflow tracking URI; None: MLFLOW_TRACKING_URI when set, else sqlite:///<run_dir>/mlflow/mlflow.db."""
+    experiment: str | None = Field(None, min_length=1)
+    """MLflow experiment the runs go to; None: the recipe's name."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, raw: Any) -> Any:
+        # Recipes are committed and copied into manifests: credentials belong in the environment. Checked
+        # on the whole section so the error quotes the key, never the secret.
+        uri = raw.get("uri") if isinstance(raw, dict) else None
+        if isinstance(uri, str) and "@" in urlsplit(uri).netloc:
+            raise ValueError(
+                "uri holds credentials (user:password@host), which a recipe must not: set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+                "environment instead"
+            )
+        return raw
+
+
 class _Platform(Section):
     """The sections every recipe may have; PlatformConfig adds one section per row of the stage table."""
 
@@ -59,6 +85,8 @@ class _Platform(Section):
     """Seed shared by every stage unless a stage sets its own."""
     ray: RayConfig = RayConfig()
     """How to reach (or start) Ray."""
+    tracking: TrackingConfig = TrackingConfig()
+    """Where train and tune runs are recorded (MLflow)."""
 
     @model_validator(mode="after")
     def _link_stages(self) -> _Platform:

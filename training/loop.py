@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from raylm.core import metrics, storage
+from raylm.core import metrics, storage, tracking
 from raylm.core.artifacts import CuratedDir, TrainDir
 from raylm.training import checkpoint as ckpt
 from raylm.training import progress
@@ -88,7 +88,8 @@ def train_in_process(config: dict[str, Any], report: Report) -> list[dict[str, A
 
 def train(config: dict[str, Any], rt: Runtime, report: Report) -> list[dict[str, Any]]:
     """Train on this rank. `config` is plain data (so Ray Tune can pass it): "train" (a TrainConfig
-    dump), "seed", "seq_len", "run_name" (metric tags), "resume_from", "storage_dir". Returns the
+    dump), "seed", "seq_len", "run_name" (metric tags), "resume_from", "storage_dir", "tracking" (an
+    MLflow run for rank 0's per-step metrics, core/tracking.py's RunRef as a dict; optional). Returns the
     history (one row per step, since the first step of the first attempt)."""
     t_start = time.time()
     cfg = TrainConfig.model_validate(config["train"])
@@ -96,14 +97,19 @@ def train(config: dict[str, Any], rt: Runtime, report: Report) -> list[dict[str,
     try:
         rt.start(cfg.use_gpu)
         run = setup(cfg, config, rt, t_start)
+        # config["tracking"]: the MLflow run (core/tracking.py) that rank 0 logs each step to, when set
+        steps = tracking.StepLogger(config.get("tracking"), rt.rank)
         for step in range(run.start_step, cfg.max_steps):
             loss, grad_norm, step_time = optimizer_step(run, step)
             stopping = rt.stop_requested(step + 1, cfg.checkpoint.preemption_check_every)
             row = step_row(run, step, loss, grad_norm, step_time)
             progress.log_step(row, cfg.max_steps, cfg.log_every)
             publish(run, row, report, checkpoint=stopping or checkpoint_due(cfg, step + 1))
+            steps.log(row)
             if stopping:
+                steps.flush()
                 raise preempted(rt, step + 1)
+        steps.flush()
         finish(run)
         return run.history
     finally:

@@ -10,7 +10,7 @@ import logging
 import os
 from typing import Any
 
-from raylm.core import lineage, outputs, storage
+from raylm.core import lineage, outputs, storage, tracking
 from raylm.core.artifacts import TRAIN, CuratedDir, TrainDir
 from raylm.core.config import PlatformConfig, dump_config
 from raylm.core.errors import InputError, RaylmError
@@ -63,9 +63,11 @@ def loop_config(
     backend: str = "ray",
     storage_dir: str | None = None,
     run_name: str | None = None,
+    tracking: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The plain-data config of training/loop.py's train() (also what a Ray Tune trial passes).
-    run_name tags the run's metrics; without it the loop uses train.checkpoint.run_name."""
+    run_name tags the run's metrics; without it the loop uses train.checkpoint.run_name. tracking: the
+    MLflow run rank 0 logs each step to (core/tracking.py's Tracker.ref_dict())."""
     return {
         "train": dump_config(t),
         "seed": seed,
@@ -77,6 +79,7 @@ def loop_config(
         "backend": backend,
         "storage_dir": storage_dir,
         "run_name": run_name,
+        "tracking": tracking,
     }
 
 
@@ -136,23 +139,35 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
         return lineage.read_manifest(t.output)
     outputs.claim_run_dir(cfg.run_dir, t.output)
     outputs.claim(t.output, TRAIN)
+    parents = [CuratedDir(t.data_dir).manifest]
+    with tracking.stage_run(cfg, TRAIN, dump_config(t), parents, t.output) as tracker:
+        # Metrics carry the recipe's name, as curation's do, so one dashboard filter follows a run.
+        config = loop_config(t, seed, curated, resume_from, run_name=cfg.name, tracking=tracker.ref_dict())
+        result = fit(t, config)
+        manifest = write_train_manifest(t, seed, result, parents)
+        export = TrainDir(t.output).export.root if t.export else None
+        out = TrainDir(t.output)
+        tracker.finish_stage(manifest, "final", t.output, [out.loss_curve, out.metrics_jsonl], export=export)
+    return manifest
 
-    # Metrics carry the recipe's name, as curation's do, so one dashboard filter follows a run.
-    config = loop_config(t, seed, curated, resume_from, run_name=cfg.name)
+
+def fit(t: TrainConfig, config: dict[str, Any]):
+    """trainer.fit(), with a checkpoint that cannot be read kept a ConfigError naming its path (exit 2)."""
     trainer = build_trainer(t, config)
     from ray.train import TrainingFailedError
 
     try:
         with sigint_restored():
-            result = trainer.fit()
+            return trainer.fit()
     except TrainingFailedError as exc:
-        # A checkpoint that cannot be read stays a ConfigError naming its path (exit 2).
         for failure in getattr(exc, "worker_failures", {}).values():
             cause = failure if isinstance(failure, ckpt.CheckpointReadError) else failure.__cause__
             if isinstance(cause, ckpt.CheckpointReadError):
                 raise ckpt.CheckpointReadError(str(cause)) from None
         raise TrainingFailed(f"training failed after {t.checkpoint.max_failures} restarts: {exc}") from None
 
+
+def write_train_manifest(t: TrainConfig, seed: int, result, parents: list[str]) -> dict[str, Any]:
     final = dict(result.metrics or {})
     summary = {
         k: final.get(k) for k in ("step", "loss", "eval_loss", "eval_perplexity", "tokens_per_s", "mfu")
@@ -162,7 +177,7 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
         t.output,
         TRAIN,
         dump_config(t),
-        parents=[CuratedDir(t.data_dir).manifest],
+        parents=parents,
         seed=seed,
         final=summary,
         checkpoint=checkpoint,

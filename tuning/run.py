@@ -12,7 +12,7 @@ import logging
 import os
 from typing import Any
 
-from raylm.core import lineage, outputs, storage
+from raylm.core import lineage, outputs, storage, tracking
 from raylm.core.artifacts import TUNE, CuratedDir, ExportDir, TuneDir
 from raylm.core.config import PlatformConfig, dump_config
 from raylm.core.errors import ConfigError, InputError, RaylmError
@@ -81,6 +81,7 @@ def trial_base(t: TuneConfig) -> dict[str, Any]:
 def run(cfg: PlatformConfig) -> dict[str, Any]:
     from raylm.training.run import read_curated
     from raylm.tuning.sweep import build_tuner, results_rows
+    from raylm.tuning.tracking import TrialRuns
     from raylm.tuning.trainable import TrialSetup
 
     t = cfg.tune
@@ -99,11 +100,25 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
     outputs.claim(t.output, TUNE)
     seed = t.trial.seed if t.trial.seed is not None else cfg.seed
     setup = TrialSetup(trial_base(t), groups, t.output, seed, int(curated["seq_len"]), curated, cfg.name)
-    tuner = build_tuner(t, setup, cfg.seed if t.search.seed is None else t.search.seed, cfg.name)
-    with sigint_restored():
-        results = tuner.fit()
-    rows = results_rows(results, t, setup)
-    return finish(cfg, rows, setup)
+    # A resumed sweep reopens its run; its trials' callback comes back with the Tuner (Tuner.restore).
+    with tracking.stage_run(cfg, TUNE, dump_config(t), parents(t), t.output, resume=t.resume) as tracker:
+        callbacks = [TrialRuns(tracker.ref)] if tracker.enabled and not t.resume else []
+        tuner = build_tuner(
+            t, setup, cfg.seed if t.search.seed is None else t.search.seed, cfg.name, callbacks
+        )
+        with sigint_restored():
+            results = tuner.fit()
+        rows = results_rows(results, t, setup)
+        manifest = finish(cfg, rows, setup)
+        out = TuneDir(t.output)
+        files = [out.trials_csv, out.lr_plot, out.curves_plot]
+        tracker.finish_stage(manifest, "summary", t.output, files, export=manifest.get("best"))
+    return manifest
+
+
+def parents(t: TuneConfig) -> list[str]:
+    """The manifests a sweep was made from: the base model's (when it has one) and the data's."""
+    return [p for p in (ExportDir(t.model).manifest, CuratedDir(t.data_dir).manifest) if storage.exists(p)]
 
 
 def finish(cfg: PlatformConfig, rows, setup) -> dict[str, Any]:
@@ -131,9 +146,7 @@ def finish(cfg: PlatformConfig, rows, setup) -> dict[str, Any]:
         t.output,
         TUNE,
         dump_config(t),
-        parents=[
-            p for p in (ExportDir(t.model).manifest, CuratedDir(t.data_dir).manifest) if storage.exists(p)
-        ],
+        parents=parents(t),
         seed=setup.seed,
         summary=summary,
         **published,

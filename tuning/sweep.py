@@ -81,9 +81,10 @@ def trainable(t: TuneConfig, setup: TrialSetup):
     return tune.with_resources(fn, {"cpu": t.resources.cpus, "gpu": t.resources.gpus})
 
 
-def build_tuner(t: TuneConfig, setup: TrialSetup, seed: int, run: str):
+def build_tuner(t: TuneConfig, setup: TrialSetup, seed: int, run: str, callbacks=()):
     """A new Tuner, or the killed sweep's (Tuner.restore: finished trials stay finished, unfinished ones
-    continue from their latest checkpoint, the searcher continues from its saved state)."""
+    continue from their latest checkpoint, the searcher continues from its saved state, and the callbacks
+    are the ones the sweep started with). `callbacks`: more Tune callbacks (tuning/tracking.py's)."""
     from ray import tune
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_CHECKPOINT_S)
@@ -123,7 +124,7 @@ def build_tuner(t: TuneConfig, setup: TrialSetup, seed: int, run: str):
                 num_to_keep=1, checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE
             ),
             failure_config=tune.FailureConfig(max_failures=t.trial.checkpoint.max_failures),
-            callbacks=[TrialLines(total, t.trial.max_steps, t.scheduler.type, run)],
+            callbacks=[TrialLines(total, t.trial.max_steps, t.scheduler.type, run), *callbacks],
             verbose=0,
         ),
     )

@@ -155,3 +155,32 @@ def test_resume_on_one_worker_continues_curve(reference_run, curated_dir, tmp_pa
     assert [r["world_size"] for r in hist[8:]] == [1] * 4
     for ours, theirs in zip(hist[8:], ref[8:], strict=True):
         assert abs(ours["loss"] - theirs["loss"]) / theirs["loss"] < 1e-4, (ours["loss"], theirs["loss"])
+
+
+def test_mlflow_holds_the_run_with_its_config_steps_and_final_metrics(reference_run):
+    """The reference run, tracked by default in <run_dir>/mlflow: one run, the train section as params,
+    a loss point per step from rank 0, the manifest's final figures, its artifacts and lineage."""
+    from mlflow import MlflowClient
+
+    from raylm.core import tracking
+    from raylm.core.artifacts import CuratedDir
+    from raylm.core.config import dump_config
+
+    cfg, manifest, steps = reference_run
+    client = MlflowClient(tracking.local_store(cfg.run_dir))
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["raylm.stage"] == "train"
+    assert run.data.params == tracking.flatten(dump_config(cfg.train))
+    final = {k: v for k, v in manifest["final"].items() if isinstance(v, (int, float))}
+    assert final and {k: run.data.metrics[f"final.{k}"] for k in final} == pytest.approx(final)
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in history] == [r["step"] for r in steps]
+    assert [m.value for m in history] == pytest.approx([r["loss"] for r in steps])
+    assert len(client.get_metric_history(run.info.run_id, "eval_loss")) == sum(
+        "eval_loss" in r for r in steps
+    )
+    parent = CuratedDir(cfg.train.data_dir).manifest
+    assert run.data.tags["raylm.parent.0.id"] == tracking.manifest_id(parent)
+    assert run.data.tags["raylm.export"] == manifest["export"]
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert names == {"manifest.json", "loss_curve.png", "metrics.jsonl"}

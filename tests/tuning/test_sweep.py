@@ -100,6 +100,32 @@ def test_the_best_adapter_gives_the_logits_it_had_in_its_trial(sweep, tiny_model
     assert not torch.allclose(base_logits, probe["logits"], atol=1e-3)  # the adapter changes something
 
 
+def test_mlflow_holds_the_sweep_and_one_child_run_per_trial(sweep):
+    from mlflow import MlflowClient
+
+    from raylm.core import tracking
+    from raylm.core.config import dump_config
+
+    cfg, manifest, rows = sweep
+    client = MlflowClient(tracking.local_store(cfg.run_dir))
+    experiment = client.get_experiment_by_name(cfg.name).experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`raylm.stage` = 'tune'")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params == tracking.flatten(dump_config(cfg.tune))
+    summary = {k: v for k, v in manifest["summary"].items() if isinstance(v, (int, float))}
+    assert {k: parent.data.metrics[f"summary.{k}"] for k in summary} == pytest.approx(summary)
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_trial = {c.data.tags["raylm.trial_id"]: c for c in children}
+    assert len(children) == len(rows) and set(by_trial) == {r["trial_id"] for r in rows}
+    for row in rows:
+        child = by_trial[row["trial_id"]]
+        assert child.info.status == "FINISHED"
+        assert float(child.data.params["lr"]) == float(row["lr"])
+        assert child.data.params["target_modules"] == row["target_modules"]
+        history = client.get_metric_history(child.info.run_id, "eval_loss")
+        assert history and max(m.step for m in history) == int(row["steps"])
+
+
 def test_a_finished_sweep_is_not_run_again(sweep):
     from raylm.tuning.run import run
 
