@@ -16,7 +16,7 @@ from typing import Any
 
 from raylm.compression.config import QUANTIZED, CompressConfig
 from raylm.compression.report import comparison, table
-from raylm.core import lineage, outputs, storage
+from raylm.core import lineage, outputs, storage, tracking
 from raylm.core.artifacts import COMPRESS, EXPORT_ADAPTER, CompressDir, CuratedDir, ExportDir
 from raylm.core.config import PlatformConfig, dump_config
 from raylm.core.errors import ConfigError, InputError
@@ -87,10 +87,6 @@ def _written_by_earlier_stage(cfg: PlatformConfig, stage: str) -> bool:
 
 
 def run(cfg: PlatformConfig) -> dict[str, Any]:
-    import ray
-
-    from raylm.compression import worker
-
     c = cfg.compress
     check_model(c)
     check_data(c)
@@ -99,8 +95,29 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
         log.info("compression output %s is complete for this config; skipping", c.output)
         return lineage.read_manifest(c.output)
     seed = c.calibration.seed if c.calibration.seed is not None else cfg.seed
-    task = {"num_cpus": c.resources.num_cpus, "num_gpus": c.resources.num_gpus}
     outputs.claim_run_dir(cfg.run_dir, c.output)
+    parents = [p for p in (ExportDir(c.model).manifest, CuratedDir(c.data_dir).manifest) if storage.exists(p)]
+    with tracking.stage_run(cfg, COMPRESS, dump_config(c), parents, c.output) as tracker:
+        manifest = _compress(c, seed, parents)
+        out = CompressDir(c.output)
+        tracker.log_metrics(_comparison_metrics(manifest["comparison"]))
+        tracker.finish_stage(manifest, "methods", c.output, [out.compare_json])
+    log.info("compression done: %s -> %s", ", ".join(c.methods), c.output)
+    return manifest
+
+
+def _comparison_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The comparison table as MLflow metrics: `<method>.perplexity_ratio`, `<method>.bytes`, ..."""
+    return tracking.numbers({row["method"]: {k: v for k, v in row.items() if k != "method"} for row in rows})
+
+
+def _compress(c: CompressConfig, seed: int, parents: list[str]) -> dict[str, Any]:
+    """One Ray task per method and one scoring the reference, into the staged output; returns the manifest."""
+    import ray
+
+    from raylm.compression import worker
+
+    task = {"num_cpus": c.resources.num_cpus, "num_gpus": c.resources.num_gpus}
     with outputs.staged_output(c.output, COMPRESS) as staging:
         out = CompressDir(staging)
         reference = ray.remote(worker.reference).options(**task).remote(c)
@@ -117,15 +134,12 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
             staging,
             COMPRESS,
             dump_config(c),
-            parents=[
-                p for p in (ExportDir(c.model).manifest, CuratedDir(c.data_dir).manifest) if storage.exists(p)
-            ],
+            parents=parents,
             seed=seed,
             methods={m: {"path": m, **results[m]["details"]} for m in c.methods},
             comparison=rows,
             serving=serving_notes(c.methods),
         )
-    log.info("compression done: %s -> %s", ", ".join(c.methods), c.output)
     return manifest
 
 

@@ -70,3 +70,25 @@ def test_quantized_model_answers_through_the_raylm_engine(compressed):
     with torch.no_grad():
         out = engine.model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 4
+
+
+@pytest.mark.slow
+def test_mlflow_holds_the_compress_run_with_its_comparison(compressed):
+    """Tracked by default like train and tune: one run, the compress section as params, each method's
+    perplexity ratio and bytes from the comparison table, compare.json as an artifact."""
+    from mlflow import MlflowClient
+
+    from raylm.core import tracking
+    from raylm.core.config import dump_config
+
+    cfg, manifest = compressed
+    client = MlflowClient(tracking.local_store(cfg.run_dir))
+    (mlrun,) = client.search_runs([client.get_experiment_by_name(cfg.name).experiment_id])
+    assert mlrun.info.status == "FINISHED" and mlrun.data.tags["raylm.stage"] == COMPRESS
+    assert mlrun.data.params == tracking.flatten(dump_config(cfg.compress))
+    for row in manifest["comparison"]:
+        assert mlrun.data.metrics[f"{row['method']}.perplexity_ratio"] == pytest.approx(
+            row["perplexity_ratio"]
+        )
+        assert mlrun.data.metrics[f"{row['method']}.bytes"] == row["bytes"]
+    assert {a.path for a in client.list_artifacts(mlrun.info.run_id)} == {"manifest.json", "compare.json"}
