@@ -171,6 +171,51 @@ class SensitiveConfig(Section):
         return self
 
 
+# A classifier's name starts its score columns: lowercase letters, digits and underscores.
+ClassifierName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")]
+MAX_ACTORS = 10_000  # actors of one classifier's pool; more is a typo
+MAX_CLASSIFIER_BATCH = 1_000_000  # documents one actor scores in one call
+
+
+class ClassifierConfig(Section):
+    """A user's local text classifier run as Ray Data batch inference (pipelines/classify.py), under its
+    name in `data.classifiers`; each label's score becomes a float32 column `<name>_<label>`."""
+
+    kind: Literal["hf", "fasttext"] = "hf"
+    """hf: a Hugging Face sequence-classification model; fasttext: a fastText supervised model (.bin)."""
+    path: PathOrUri
+    """hf: a folder saved with save_pretrained (config.json, *.safetensors, the tokenizer); fasttext: the .bin file; local or URI."""
+    min_score: dict[str, Fraction] = {}
+    """Drop a document whose score for a label is below the value: {label: lowest score kept}."""
+    max_score: dict[str, Fraction] = {}
+    """Drop a document whose score for a label is above the value: {label: highest score kept}."""
+    batch_size: Int = Field(64, ge=1, le=MAX_CLASSIFIER_BATCH)
+    """Documents per model call (one Ray Data batch)."""
+    concurrency: Int = Field(1, ge=1, le=MAX_ACTORS)
+    """Actors in the pool; each loads the model once."""
+    num_gpus: Float = Field(0, ge=0, le=64)
+    """GPUs per actor (0: the model runs on CPU)."""
+    num_cpus: Float = Field(1, ge=0, le=1024)
+    """CPUs per actor (Ray sets the actor's torch / OpenMP threads to this)."""
+    max_length: Int = Field(512, ge=1, le=MAX_SEQ_LEN)
+    """hf: tokens per document; longer documents are truncated."""
+    max_chars: Int | None = Field(10_000, ge=1)
+    """Score the first this many characters of a document (null: the whole text)."""
+    trust_remote_code: Bool = False
+    """hf: allow a model folder's own Python code to run (only for models you trust)."""
+    batch_invariant: Bool = True
+    """hf: pad every model call to batch_size x max_length, so a document's scores do not depend on the documents batched with it (bit for bit the same on any number of actors); false pads to each batch's longest document: faster on short documents, scores then vary in the last bits."""
+
+    @field_validator("kind")
+    @classmethod
+    def _fasttext_installed(cls, kind: str) -> str:
+        from importlib.util import find_spec
+
+        if kind == "fasttext" and find_spec("fasttext") is None:
+            raise ValueError("a fastText model needs the fasttext package: pip install fasttext-wheel")
+        return kind
+
+
 class NearDedupConfig(Section):
     enabled: Bool = True
     """Remove near-duplicates with MinHash LSH."""
@@ -224,6 +269,8 @@ class DataConfig(Section):
     """Sensitive-content rules (profanity, adult, violence, your own lists); off unless the recipe has the section."""
     language: LanguageConfig | None = None
     """Language identification; off unless the recipe has the section."""
+    classifiers: dict[ClassifierName, ClassifierConfig] = {}
+    """Model-based scoring after the quality filters: classifiers by name (which starts their score columns), run in this order; empty: off."""
     exact_dedup: Bool = True
     """Remove documents whose normalized text is identical (keeps the smallest id)."""
     near_dedup: NearDedupConfig = NearDedupConfig()

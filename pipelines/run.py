@@ -1,8 +1,9 @@
 """`raylm curate`: corpus files -> clean, deduplicated documents, a tokenizer and packed token shards.
 
 The pipeline is written out in plain sight below: read -> normalize -> scrub PII -> sensitive content ->
-language ID -> quality filters -> exact dedup -> near dedup -> split -> tokenizer -> tokenize -> pack ->
-shards (the two middle stages only when the recipe has their sections). Each phase streams through
+language ID -> quality filters -> classifiers -> exact dedup -> near dedup -> split -> tokenizer ->
+tokenize -> pack -> shards (sensitive content, language ID and the classifiers only when the recipe has
+their sections). Each phase streams through
 Ray Data and is materialized once where two consumers need it (kept rows and rejects, say); the driver
 only ever sees counts. Output lands atomically (core.storage.staged_output) with manifest.json last.
 """
@@ -15,6 +16,7 @@ import os
 import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -25,7 +27,8 @@ from raylm.core.artifacts import CLUSTERS_FILE, CURATED, SPLITS, CuratedDir
 from raylm.core.config import PlatformConfig, dump_config
 from raylm.core.errors import InputError
 from raylm.core.lineage import fingerprint, read_manifest, write_manifest
-from raylm.pipelines import langid, readers, sensitive
+from raylm.pipelines import classify, langid, readers, sensitive
+from raylm.pipelines.classify import CLASSIFY_REASONS
 from raylm.pipelines.config import DataConfig
 from raylm.pipelines.dedup.exact import exact_duplicates
 from raylm.pipelines.dedup.removal import cluster_table, near_duplicate_ids, without
@@ -34,8 +37,16 @@ from raylm.pipelines.langid import LANGUAGE_REASONS, LanguageID
 from raylm.pipelines.normalize import NORMALIZE_REASONS, Normalize, ScrubPII
 from raylm.pipelines.pack import add_bucket, assign_split, num_buckets, pack_group
 from raylm.pipelines.readers import READ_REASONS
+from raylm.pipelines.report import write_report
 from raylm.pipelines.sensitive import SENSITIVE_REASONS, SensitiveContent
-from raylm.pipelines.summary import StageRow, languages_line, record_stages, render_summary, sensitive_line
+from raylm.pipelines.summary import (
+    StageRow,
+    classifiers_line,
+    languages_line,
+    record_stages,
+    render_summary,
+    sensitive_line,
+)
 from raylm.pipelines.tokenize import Tokenize, check_tokenizer_dir, load_tokenizer, train_tokenizer
 from raylm.pipelines.unique_ids import set_aside_later_claims
 from raylm.pipelines.write import write_shards, write_table
@@ -50,6 +61,7 @@ STAGE_REASONS = {
     "sensitive": SENSITIVE_REASONS,
     "language": LANGUAGE_REASONS,
     "filters": FILTER_REASONS,
+    "classifiers": CLASSIFY_REASONS,
 }
 STAGE_NAMES = {  # the summary table's and the gauges' names of those stages
     "read": "read",
@@ -57,6 +69,7 @@ STAGE_NAMES = {  # the summary table's and the gauges' names of those stages
     "sensitive": "sensitive content",
     "language": "language ID",
     "filters": "quality filters",
+    "classifiers": "classifiers",
 }
 
 
@@ -82,6 +95,7 @@ def preflight(cfg: PlatformConfig) -> None:
     model = cfg.data.language.model_path if _on(cfg.data.language) else None
     if model and not storage.exists(model):
         raise InputError(f"data.language.model_path: file not found: {model}")
+    classify.preflight(cfg.data.classifiers)  # the models exist and have the labels the thresholds name
     check_output(cfg)
 
 
@@ -107,10 +121,11 @@ def _keep_clean(t: pa.Table) -> pa.Table:
     return t.filter(pc.is_null(t.column("reject"))).drop_columns(["reject"])
 
 
-def _block_counts(t: pa.Table) -> pa.Table:
+def _block_counts(t: pa.Table, scored: list[classify.Plan]) -> pa.Table:
     """A few rows of one block: (reason, reject kind, rows; '' for rows that go on), (language, label,
-    documents) and (sensitive, category.count, n) when those stages ran. Rows read, drops by reason,
-    rows kept and the stages' own counts all come from one pass over these rows."""
+    documents), (sensitive, category.count, n) and (classifier, name.scored / column.sum, n) when those
+    stages ran. Rows read, drops by reason, rows kept and the stages' own counts all come from one pass
+    over these rows (n is a float64 for the classifiers' score sums; counts stay exact below 2**53)."""
     counted = pc.value_counts(pc.fill_null(reason_kind(t.column("reject")), ""))
     counts = {
         ("reason", k): n
@@ -120,42 +135,50 @@ def _block_counts(t: pa.Table) -> pa.Table:
         counts |= {("language", k): n for k, n in langid.block_counts(t).items()}
     if sensitive.COLUMN in t.column_names:
         counts |= {("sensitive", k): n for k, n in sensitive.block_counts(t).items()}
+    counts |= {("classifier", k): n for k, n in classify.block_counts(t, scored).items()}
     groups, keys = zip(*counts) if counts else ((), ())
     return pa.table(
-        {"group": list(groups), "key": list(keys), "n": pa.array(list(counts.values()), pa.int64())}
+        {"group": list(groups), "key": list(keys), "n": pa.array(list(counts.values()), pa.float64())}
     )
 
 
-def _tally_cleaned(cleaned, tally: Tally) -> None:
-    """Rows read, drops by reason, rows kept, languages and sensitive matches of the cleaned rows."""
-    totals: dict[str, Counter[str]] = {"reason": Counter(), "language": Counter(), "sensitive": Counter()}
-    for row in cleaned.map_batches(_block_counts, batch_format="pyarrow").take_all():
-        totals[row["group"]][row["key"]] += int(row["n"])
+def _tally_cleaned(cleaned, tally: Tally, scored: list[classify.Plan]) -> None:
+    """Rows read, drops by reason, rows kept, languages, sensitive matches and classifier scores of the
+    cleaned rows."""
+    totals: dict[str, Counter] = {k: Counter() for k in ("reason", "language", "sensitive", "classifier")}
+    blocks = cleaned.map_batches(_block_counts, fn_kwargs={"scored": scored}, batch_format="pyarrow")
+    for row in blocks.take_all():
+        n = row["n"]
+        totals[row["group"]][row["key"]] += n if row["group"] == "classifier" else int(n)
     reasons = totals["reason"]
-    tally.after_filters = reasons.pop("", 0)
-    tally.rows_read = sum(reasons.values()) + tally.after_filters
+    tally.after_cleaning = reasons.pop("", 0)
+    tally.rows_read = sum(reasons.values()) + tally.after_cleaning
     tally.drops = dict(sorted(reasons.items()))
     tally.languages = dict(totals["language"].most_common())
     tally.sensitive = dict(totals["sensitive"])
+    tally.classifiers = dict(totals["classifier"])
 
 
 def _clean(data: DataConfig, files: list[readers.InputFile]):
-    """read -> normalize -> PII -> sensitive content -> language ID -> quality filters, one fused
-    streaming pass; rejected rows keep a reason. Cheapest first (benchmarks/curate_stages.py, MB/s on
-    one CPU: PII ~140, sensitive content ~130, normalize ~28, language ID ~6, quality filters ~3), so
-    the costly stages see fewer rows; language ID also goes before the quality rules, whose stop-word
-    rule is English-only, so a document in another language is dropped for its language."""
-    ds = readers.read_corpus(files)
-    ds = ds.map_batches(Normalize(data.normalize), batch_format="pyarrow", batch_size=data.batch_size)
+    """read -> normalize -> PII -> sensitive content -> language ID -> quality filters -> classifiers,
+    one streaming pass; rejected rows keep a reason. Cheapest first (benchmarks/curate_stages.py, MB/s on
+    one CPU: PII ~140, sensitive content ~130, normalize ~28, language ID ~6, quality filters ~3, a real
+    classifier model far less), so the costly stages see fewer rows; language ID also goes before the
+    quality rules, whose stop-word rule is English-only, so a document in another language is dropped
+    for its language. The tasks up to the quality filters fuse into one; each classifier is an actor
+    pool that the blocks stream on to (classify.py), with no materialization in between."""
+    # Each stage takes the reader's tables of data.batch_size rows as its batches (batch_size=None):
+    # readers.read_corpus says why the batch size belongs to the read.
+    ds = readers.read_corpus(files, rows_per_batch=data.batch_size)
+    ds = ds.map_batches(Normalize(data.normalize), batch_format="pyarrow", batch_size=None)
     if data.pii.enabled:
-        ds = ds.map_batches(ScrubPII(data.pii), batch_format="pyarrow", batch_size=data.batch_size)
+        ds = ds.map_batches(ScrubPII(data.pii), batch_format="pyarrow", batch_size=None)
     if _on(data.sensitive):
-        ds = ds.map_batches(
-            SensitiveContent(data.sensitive), batch_format="pyarrow", batch_size=data.batch_size
-        )
+        ds = ds.map_batches(SensitiveContent(data.sensitive), batch_format="pyarrow", batch_size=None)
     if _on(data.language):
-        ds = ds.map_batches(LanguageID(data.language), batch_format="pyarrow", batch_size=data.batch_size)
-    return ds.map_batches(QualityFilter(data.filters), batch_format="pyarrow", batch_size=data.batch_size)
+        ds = ds.map_batches(LanguageID(data.language), batch_format="pyarrow", batch_size=None)
+    ds = ds.map_batches(QualityFilter(data.filters), batch_format="pyarrow", batch_size=None)
+    return classify.score(ds, data.classifiers)
 
 
 def _near_clusters(survivors, data: DataConfig):
@@ -208,8 +231,8 @@ def _train_or_load_tokenizer(data: DataConfig, docs, n_docs: int, out_dir: str) 
 
 def drops_by_stage(drops: dict[str, int]) -> dict[str, dict[str, int]]:
     """Drops split by the stage that declares their reason (STAGE_REASONS: read, normalize, sensitive,
-    language, filters; every stage named, {} where none). A reason no stage declares is a bug, not a
-    filter drop: it fails the run instead of being miscounted."""
+    language, filters, classifiers; every stage named, {} where none). A reason no stage declares is a
+    bug, not a filter drop: it fails the run instead of being miscounted."""
     unknown = set(drops) - set().union(*STAGE_REASONS.values())
     if unknown:
         raise RuntimeError(f"curation bug: reject reasons {sorted(unknown)} are declared by no stage")
@@ -244,7 +267,11 @@ class Tally:
     drops: dict[str, int] = field(default_factory=dict)
     languages: dict[str, int] = field(default_factory=dict)  # documents per language label (language ID)
     sensitive: dict[str, int] = field(default_factory=dict)  # "category.matches" etc. (sensitive content)
-    after_filters: int = 0
+    # "name.scored", "column.sum", "column.dropped" (classifiers)
+    classifiers: dict[str, float] = field(default_factory=dict)
+    # Documents the cleaning pass kept, after its last stage: the quality filters, or the classifiers
+    # when the recipe has them (the manifest's after_filters counts the quality filters' own output).
+    after_cleaning: int = 0
     after_exact_dedup: int = 0
     after_near_dedup: int = 0
     clustered: int = 0
@@ -270,7 +297,7 @@ def run(cfg: PlatformConfig) -> dict:
     parts, times, tally = _num_partitions(), Timings(), Tally()
 
     outputs.claim_run_dir(cfg.run_dir, out)
-    with outputs.staged_output(out, CURATED) as tmp:
+    with all_cpus_to_each_operator(), outputs.staged_output(out, CURATED) as tmp:
         staging = CuratedDir(tmp)
         final = curate_documents(data, inputs.files, parts, staging, tally, times)
         _tokenize_and_shard(final, data, parts, staging, tally)
@@ -281,6 +308,22 @@ def run(cfg: PlatformConfig) -> dict:
     print(_summary(counts, times, inputs, data, tally), flush=True)
     log.info("curated data written to %s", out)
     return read_manifest(out)
+
+
+@contextmanager
+def all_cpus_to_each_operator():
+    """Ray Data's operator resource reservation (on by default) keeps a share of the CPUs for each
+    operator of a pipeline, so curation's cleaning pass, its costliest operator, ran on a part of them
+    (benchmarks/curate_files.py: 1.3x faster without it, with the read planned per file). Datasets capture
+    the context when they are created: switched off for this run's, restored after."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    before, context.op_resource_reservation_enabled = context.op_resource_reservation_enabled, False
+    try:
+        yield
+    finally:
+        context.op_resource_reservation_enabled = before
 
 
 def curate_documents(data: DataConfig, files, parts: int, staging: CuratedDir, tally: Tally, times: Timings):
@@ -300,13 +343,13 @@ def _record_metrics(run_name: str, counts: dict, tally: Tally, times: Timings, d
     metrics.record(metrics.CURATE_TOKENS, counts["packed_tokens"], tags)
     metrics.record(metrics.CURATE_RUNS, 1, tags)
     record_stages(_stage_rows(counts, times, data), run_name)
-    duplicates = counts["after_filters"] - counts["after_near_dedup"]
-    metrics.record(metrics.CURATE_DUPLICATE_RATIO, duplicates / max(counts["after_filters"], 1), tags)
+    duplicates = counts["after_classifiers"] - counts["after_near_dedup"]
+    metrics.record(metrics.CURATE_DUPLICATE_RATIO, duplicates / max(counts["after_classifiers"], 1), tags)
     total_s = max(sum(times.seconds.values()), 1e-9)
     metrics.record(metrics.CURATE_MEGABYTES_PER_SECOND, counts["input_bytes"] / 1e6 / total_s, tags)
     cleaning = {STAGE_NAMES[stage]: drops for stage, drops in drops_by_stage(tally.drops).items()}
     dedup = {
-        "exact dedup": {"exact_duplicate": counts["after_filters"] - counts["after_exact_dedup"]},
+        "exact dedup": {"exact_duplicate": counts["after_classifiers"] - counts["after_exact_dedup"]},
         "near dedup": {"near_duplicate": counts["after_exact_dedup"] - counts["after_near_dedup"]},
     }
     for stage, drops in {**cleaning, **dedup}.items():
@@ -320,13 +363,13 @@ def _read_clean_filter(data: DataConfig, files, parts: int, staging: CuratedDir,
     (unique_ids.py). Every count comes from one pass that returns a few rows per block."""
     cleaned = _clean(data, files).materialize()
     cleaned = set_aside_later_claims(cleaned, parts).materialize()
-    _tally_cleaned(cleaned, tally)
+    _tally_cleaned(cleaned, tally, classify.plans(data.classifiers))
     rejected = cleaned.map_batches(_keep_rejected, batch_format="pyarrow")
     if not data.write_rejects:
         rejected = rejected.map_batches(_keep_read_rejects, batch_format="pyarrow")
     if any(data.write_rejects or reason in READ_REASONS for reason in tally.drops):
         rejected.write_parquet(staging.rejects)
-    if tally.after_filters == 0:
+    if tally.after_cleaning == 0:
         kept_at = outputs.publish_incomplete(
             staging.root, data.output, CURATED, [os.path.basename(staging.rejects)]
         )
@@ -350,7 +393,7 @@ def _deduplicate(kept, data: DataConfig, parts: int, staging: CuratedDir, tally:
     exact_dups = exact_duplicates(kept, parts)
     n_exact = exact_dups.num_rows if isinstance(exact_dups, pa.Table) else exact_dups.count()
     survivors = without(kept, exact_dups, parts)
-    tally.after_exact_dedup = tally.after_filters - n_exact
+    tally.after_exact_dedup = tally.after_cleaning - n_exact
     times.lap("exact_dedup")
     near = _near_clusters(survivors, data).materialize()
     tally.clustered = write_table(cluster_table(exact_dups, near, parts), staging.dedup, CLUSTERS_FILE)
@@ -427,6 +470,7 @@ def _counts(
     n_normalized = n_valid - sum(drops["normalize"].values())
     n_sensitive = n_normalized - sum(drops["sensitive"].values())
     n_language = n_sensitive - sum(drops["language"].values())
+    n_filters = n_language - sum(drops["filters"].values())
     check_counts_never_grow(
         [
             ("rows read", tally.rows_read),
@@ -434,13 +478,14 @@ def _counts(
             ("normalize", n_normalized),
             ("sensitive content", n_sensitive),
             ("language ID", n_language),
-            ("quality filters", tally.after_filters),
+            ("quality filters", n_filters),
+            ("classifiers", tally.after_cleaning),
             ("exact dedup", tally.after_exact_dedup),
             ("near dedup", tally.after_near_dedup),
         ]
     )
-    if tally.clustered != tally.after_filters:
-        raise RuntimeError(f"{CLUSTERS_FILE} has {tally.clustered} rows for {tally.after_filters} documents")
+    if tally.clustered != tally.after_cleaning:
+        raise RuntimeError(f"{CLUSTERS_FILE} has {tally.clustered} rows for {tally.after_cleaning} documents")
     sequences = _sequences(tally)
     packed_tokens = sum(sequences.values()) * seq_len
     return {
@@ -451,7 +496,8 @@ def _counts(
         "after_normalize": n_normalized,
         "after_sensitive": n_sensitive,
         "after_language": n_language,
-        "after_filters": tally.after_filters,
+        "after_filters": n_filters,
+        "after_classifiers": tally.after_cleaning,
         "after_exact_dedup": tally.after_exact_dedup,
         "after_near_dedup": tally.after_near_dedup,
         "clustered_documents": tally.clustered,
@@ -473,6 +519,7 @@ def _summary(counts: dict, times: Timings, inputs: readers.Inputs, data: DataCon
     return render_summary(rows, sum(times.seconds.values()), c["input_bytes"]) + (
         f"\nfiles not read: {_skipped_line(inputs.skipped) or 'none'}"
         f"{languages_line(tally.languages)}{sensitive_line(_sensitive_block(data, tally))}"
+        f"{classifiers_line(_classifiers_block(data, tally))}"
         f"\n{c['tokens']:,} tokens -> {seqs['train']:,} train + {seqs['eval']:,} eval sequences of "
         f"{seq_len} ({c['tokens_dropped_in_packing']:,} tail tokens dropped in packing); vocab {vocab:,}"
         f"{_held_apart_line(c)}"
@@ -487,12 +534,14 @@ def _stage_rows(c: dict, times: Timings, data: DataConfig) -> list[StageRow]:
         StageRow(STAGE_NAMES["sensitive"], c["after_normalize"], c["after_sensitive"]),
         StageRow(STAGE_NAMES["language"], c["after_sensitive"], c["after_language"]),
     ]
+    classifiers = [StageRow(STAGE_NAMES["classifiers"], c["after_filters"], c["after_classifiers"])]
     return [
         StageRow("read", c["rows_read"], c["documents_read"], t["read_clean_filter"], c["input_bytes"]),
         StageRow("normalize", c["documents_read"], c["after_normalize"]),
         *(row for row, on in zip(optional, (_on(data.sensitive), _on(data.language))) if on),
         StageRow("quality filters", c["after_language"], c["after_filters"]),
-        StageRow("exact dedup", c["after_filters"], c["after_exact_dedup"], t["exact_dedup"]),
+        *(classifiers if data.classifiers else []),
+        StageRow("exact dedup", c["after_classifiers"], c["after_exact_dedup"], t["exact_dedup"]),
         StageRow("near dedup", c["after_exact_dedup"], c["after_near_dedup"], t["near_dedup_and_docs"]),
         StageRow("tokenize + pack", c["after_near_dedup"], c["after_near_dedup"], t["tokenize_pack_write"]),
     ]
@@ -516,18 +565,20 @@ def _sensitive_block(data: DataConfig, tally: Tally) -> dict | None:
     return sensitive.summarize(tally.sensitive, data.sensitive) if _on(data.sensitive) else None
 
 
+def _classifiers_block(data: DataConfig, tally: Tally) -> dict | None:
+    """The manifest's per-classifier labels, score columns, documents scored and drops, when any ran."""
+    return classify.summarize(tally.classifiers, data.classifiers) if data.classifiers else None
+
+
 def _write_manifest(
     staging: CuratedDir, data: DataConfig, inputs: readers.Inputs, tally: Tally, times: Timings
 ) -> dict:
-    """manifest.json, written last (it marks the folder complete); returns its counts."""
+    """The data report, then manifest.json, written last (it marks the folder complete); returns its counts."""
     in_bytes = sum(f.size for f in inputs.files)
     drops = drops_by_stage(tally.drops)
     counts = _counts(tally, drops, inputs, in_bytes, data.seq_len)
     total = sum(times.seconds.values())
-    write_manifest(
-        staging.root,
-        CURATED,
-        dump_config(data),
+    fields = dict(
         inputs={
             "fingerprint": fingerprint([(f.path, f.size, f.mtime) for f in inputs.files]),
             "files": len(inputs.files),
@@ -538,6 +589,7 @@ def _write_manifest(
         drops=drops,
         language={"documents": tally.languages} if _on(data.language) else None,
         sensitive=_sensitive_block(data, tally),
+        classifiers=_classifiers_block(data, tally),
         timings={
             **times.seconds,
             "total": round(total, 3),
@@ -547,9 +599,11 @@ def _write_manifest(
         vocab_size=tally.vocab,
         shards=tally.shards,
         dedup={
-            "exact_duplicates": tally.after_filters - tally.after_exact_dedup,
+            "exact_duplicates": tally.after_cleaning - tally.after_exact_dedup,
             "near_duplicates": tally.after_exact_dedup - tally.after_near_dedup,
             **data.near_dedup.model_dump(),
         },
     )
+    write_report(staging.root, fields)  # report.html + report.png, before the manifest completes the folder
+    write_manifest(staging.root, CURATED, dump_config(data), **fields)
     return counts

@@ -62,3 +62,22 @@ def sensitive_line(categories: dict[str, dict] | None) -> str:
         for name, c in categories.items()
     ]
     return "\nsensitive content: " + "; ".join(parts)
+
+
+def classifiers_line(classifiers: dict[str, dict] | None) -> str:
+    """Documents scored, mean scores and drops per classifier, when any ran: 'classifiers: quality 1,204
+    scored (mean quality_hq 0.71, quality_lq 0.29), 56 dropped (quality_hq 56)'."""
+    if not classifiers:
+        return ""
+    parts = []
+    for name, c in classifiers.items():
+        means = ", ".join(f"{col} {m:.2f}" for col, m in c["mean"].items() if m is not None)
+        dropped = sum(c["drops"].values())
+        by_column = ", ".join(f"{col} {n:,}" for col, n in c["drops"].items() if n)
+        parts.append(
+            f"{name} {c['documents_scored']:,} scored"
+            + (f" (mean {means})" if means else "")
+            + f", {dropped:,} dropped"
+            + (f" ({by_column})" if by_column else "")
+        )
+    return "\nclassifiers: " + "; ".join(parts)

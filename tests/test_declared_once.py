@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from raylm.core import metrics
-from raylm.pipelines import filters, langid, normalize, readers, sensitive
+from raylm.pipelines import classify, filters, langid, normalize, readers, sensitive
 from raylm.pipelines.run import drops_by_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,11 +127,12 @@ def test_every_reader_reason_is_a_declared_constant():
     assert len(assigned) + len(passed) >= 12
 
 
-def test_every_language_and_sensitive_reason_starts_with_a_declared_constant():
+def test_every_language_sensitive_and_classifier_reason_starts_with_a_declared_constant():
     """Their reasons are f-strings that open with the stage's constant: f"{LANGUAGE}: ...", f"{SENSITIVE}[...]"."""
     for module, declared, at_least in (
         (langid, langid.LANGUAGE_REASONS, 2),
         (sensitive, sensitive.SENSITIVE_REASONS, 1),
+        (classify, classify.CLASSIFY_REASONS, 2),
     ):
         constants = {k for k, v in vars(module).items() if isinstance(v, str) and v in declared}
         heads = [
@@ -153,6 +154,7 @@ def test_drops_of_an_undeclared_reason_fail_the_run():
         langid.LANGUAGE: 5,
         langid.LANGUAGE_CONFIDENCE: 6,
         "min_words": 4,
+        classify.MIN_SCORE: 7,
     }
     assert drops_by_stage(drops) == {
         "read": {readers.DUPLICATE_ID: 2},
@@ -160,6 +162,7 @@ def test_drops_of_an_undeclared_reason_fail_the_run():
         "sensitive": {sensitive.SENSITIVE: 3},
         "language": {langid.LANGUAGE: 5, langid.LANGUAGE_CONFIDENCE: 6},
         "filters": {"min_words": 4},
+        "classifiers": {classify.MIN_SCORE: 7},
     }
     assert drops_by_stage({})["language"] == {}  # every stage named, empty where it dropped nothing
     with pytest.raises(RuntimeError, match="declared by no stage"):

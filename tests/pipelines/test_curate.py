@@ -1,7 +1,6 @@
 """Curation end to end on the shared local Ray: output contract, quarantine, idempotent reruns."""
 
-import json
-import random
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -9,59 +8,12 @@ import pytest
 
 from raylm.core import storage
 from raylm.core.artifacts import CuratedDir, RunDir
-from raylm.core.config import build_config
 from raylm.core.errors import InputError
 from raylm.core.lineage import read_manifest
 from raylm.pipelines.run import run
-from tests.synthetic import document
+from tests.pipelines.conftest import config  # re-exported: other tests import it from here
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = random.Random(7)
-    root = tmp_path_factory.mktemp("corpus")
-    docs = [{"id": f"d{i:03d}", "text": document(rng)} for i in range(120)]
-    dups = [
-        {"id": f"z-copy-of-{d['id']}", "text": d["text"] + "  \n"} for d in docs[:10]
-    ]  # equal once normalized
-    lines = [json.dumps(d) for d in docs + dups]
-    lines[5:5] = [
-        "{broken json",
-        json.dumps({"id": "no-text"}),
-        json.dumps({"id": "short", "text": "Too short."}),
-    ]
-    (root / "part-0.jsonl").write_text("\n".join(lines[:70]) + "\n")
-    (root / "part-1.jsonl").write_bytes(
-        ("\n".join(lines[70:]) + "\n").encode() + b'{"id": "u", "text": "bad \xff"}\n'
-    )
-    (root / "empty.jsonl").write_text("")
-    return root
-
-
-def config(corpus, out, **data):
-    return build_config(
-        {
-            "name": "t",
-            "run_dir": str(out),
-            "data": {
-                "sources": [{"path": str(corpus)}],
-                "seq_len": 32,
-                "rows_per_shard": 50,
-                "tokenizer": {"vocab_size": 400},
-                "eval_fraction": 0.1,
-                **data,
-            },
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def curated(ray_cluster, corpus, tmp_path_factory):
-    cfg = config(corpus, tmp_path_factory.mktemp("run"))
-    run(cfg)
-    return cfg.data.output
 
 
 def test_contract_layout(curated):
@@ -86,6 +38,11 @@ def test_contract_layout(curated):
 
     tok = AutoTokenizer.from_pretrained(CuratedDir(curated).tokenizer)
     assert tok.eos_token == "<|endoftext|>" and len(tok) == m["vocab_size"]
+    page = Path(CuratedDir(curated).report).read_text()  # the data report, written with the run
+    assert (
+        f"{m['counts']['after_near_dedup']:,}" in page
+        and Path(CuratedDir(curated).report_png).stat().st_size > 1000
+    )
 
 
 def test_malformed_input_is_quarantined_with_counts(curated):
