@@ -458,24 +458,30 @@ def _table(rows: list[dict]) -> pa.Table:
         return pa.Table.from_pylist([_encodable(r) for r in rows], schema=SCHEMA)
 
 
-def read_files(batch: dict) -> Iterator[pa.Table]:
-    """Ray Data stage: rows describing files -> tables of documents (a generator, so a big file streams
-    out in bounded batches instead of one huge block)."""
+def read_files(batch: dict, rows_per_batch: int = ROWS_PER_BATCH) -> Iterator[pa.Table]:
+    """Ray Data stage: rows describing files -> tables of documents of `rows_per_batch` rows (a
+    generator, so a big file streams out in bounded batches instead of one huge block)."""
     rows: list[dict] = []
     for record in zip(*batch.values()):
         f = InputFile(**dict(zip(batch.keys(), record)))
         for row in read_file(f):
             rows.append(row)
-            if len(rows) >= ROWS_PER_BATCH:
+            if len(rows) >= rows_per_batch:
                 yield _table(rows)
                 rows = []
     if rows:
         yield _table(rows)
 
 
-def read_corpus(files: list[InputFile]):
-    """A Ray Dataset of (id, text, source, reject, pos) rows over all files; reading happens in Ray tasks."""
+def read_corpus(files: list[InputFile], rows_per_batch: int = ROWS_PER_BATCH):
+    """A Ray Dataset of (id, text, source, reject, pos) rows over all files, in tables of `rows_per_batch`
+    rows; reading happens in Ray tasks, one file listing block each. The stages mapped after it should
+    take each table as their batch (batch_size=None): Ray Data fuses them with the read, and a fused
+    task takes max(batch sizes) input rows, which would be that many FILES per task (512 files: a corpus
+    of fewer was cleaned by one task; benchmarks/curate_files.py)."""
     import ray.data
 
     listing = ray.data.from_items([asdict(f) for f in files], override_num_blocks=min(len(files), 200))
-    return listing.map_batches(read_files, batch_size=1, batch_format="numpy")
+    return listing.map_batches(
+        read_files, batch_size=1, batch_format="numpy", fn_kwargs={"rows_per_batch": rows_per_batch}
+    )
