@@ -1,7 +1,8 @@
 """`raylm VERB ...`: a table of verbs, each with its own arguments and its own `main(args) -> exit code`.
 
 Every stage of core/stages.py is a verb taking `RECIPE [key=value ...]`; `run` runs the stages a recipe
-lists; `check` validates a recipe and prints it. A verb with other arguments (`raylm cluster check FILE`,
+lists; `check` validates a recipe and prints it resolved, as YAML that is itself a recipe; `recipes` lists
+the recipes shipped with raylm and `init` copies one to edit. A verb with other arguments (`raylm cluster check FILE`,
 say) is one more row of VERBS. A recipe is loaded and validated before anything imports Ray, so a bad
 key or value exits with code 2 and a message naming the key, without starting a cluster.
 """
@@ -9,19 +10,35 @@ key or value exits with code 2 and a message naming the key, without starting a 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import yaml
 
 from raylm.cluster import check as cluster_check
 from raylm.cluster import monitor, submit
-from raylm.core.config import PlatformConfig, dump_config, load_config, shown
+from raylm.core.config import (
+    SHIPPED_RECIPES,
+    PlatformConfig,
+    dump_config,
+    load_config,
+    recipe_description,
+    resolve_recipe,
+    shipped_recipes,
+    shown,
+)
 from raylm.core.errors import ConfigError, RaylmError
 from raylm.core.stages import BY_NAME, STAGES, Stage
 
 MAX_MESSAGE_LINES = 10  # an error is read at once; validation errors are already capped at five
+# What a shell reports for a command killed by SIGPIPE (128 + 13), as `yes | head -1` under pipefail: the
+# reader stopped early and the output was not all delivered, which exit 0 would deny.
+BROKEN_PIPE_EXIT = 141
 
 
 def short_message(message: str) -> str:
@@ -43,7 +60,10 @@ class Verb:
 
 
 def recipe_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML path, or a name in recipes/ (e.g. quickstart)")
+    p.add_argument(
+        "recipe",
+        help="recipe YAML path, or the name of a shipped recipe (e.g. quickstart; see `raylm recipes`)",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=20 data.seq_len=256")
 
 
@@ -92,7 +112,42 @@ def _run_recipe(args: argparse.Namespace) -> int:
 
 
 def _check_recipe(args: argparse.Namespace) -> int:
-    print(json.dumps(dump_config(load_config(args.recipe, args.overrides)), indent=2))
+    resolved = dump_config(load_config(args.recipe, args.overrides))
+    print(f"# {shown(args.recipe)} resolved by `raylm check`: every default and linked path filled in")
+    print(yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def _list_recipes(_args: argparse.Namespace) -> int:
+    shipped = shipped_recipes()
+    if not shipped:
+        raise RaylmError(f"no recipes are installed with raylm (package {SHIPPED_RECIPES}): reinstall raylm")
+    width = max(map(len, shipped), default=0)
+    for name, path in sorted(shipped.items()):
+        print(f"{name:<{width}}  {recipe_description(path)}")
+    return 0
+
+
+def init_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="a shipped recipe's name (see `raylm recipes`) or a recipe YAML path")
+    p.add_argument("dest", nargs="?", help="file or existing folder to write; default ./RECIPE.yaml")
+
+
+def _init_recipe(args: argparse.Namespace) -> int:
+    source = resolve_recipe(args.recipe)
+    dest = Path(args.dest or ".")
+    if dest.is_dir():
+        dest = dest / f"{source.stem}.yaml"
+    try:
+        with dest.open("xb") as f:  # "x": never overwrite a file the user may have edited
+            f.write(source.read_bytes())
+    except FileExistsError:
+        raise ConfigError(
+            f"{shown(str(dest))} already exists; not overwriting it (pass another DEST)"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write {shown(str(dest))}: {exc.strerror or exc}") from None
+    print(f"wrote {dest} (from {source.stem}); edit it, then: raylm check {dest}")
     return 0
 
 
@@ -101,9 +156,16 @@ VERBS: tuple[Verb, ...] = (
     *(Verb(s.name, s.help, stage_arguments(s), _run_recipe) for s in STAGES),
     Verb(
         "check",
-        "validate the recipe and print the resolved config; starts nothing",
+        "validate the recipe and print the resolved config as YAML (itself a recipe); starts nothing",
         recipe_arguments,
         _check_recipe,
+    ),
+    Verb("recipes", "list the recipes shipped with raylm", lambda p: None, _list_recipes),
+    Verb(
+        "init",
+        "copy a shipped recipe into the current folder (or DEST) to edit",
+        init_arguments,
+        _init_recipe,
     ),
     Verb(
         "submit",
@@ -126,8 +188,16 @@ VERBS: tuple[Verb, ...] = (
 )
 
 
+def version() -> str:
+    try:
+        return metadata.version("raylm")
+    except metadata.PackageNotFoundError:  # imported from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="raylm", description="From a raw corpus to a served LLM on Ray.")
+    p.add_argument("--version", action="version", version=f"raylm {version()}")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in VERBS:
         verb.add_arguments(sub.add_parser(verb.name, help=verb.help, description=verb.help))
@@ -135,11 +205,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s raylm %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
-    args = parser().parse_args(argv)
+def run_verb(args: argparse.Namespace) -> int:
     try:
         return args.main(args)
     except RaylmError as exc:
@@ -148,6 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raylm: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s raylm %(levelname)s %(message)s", datefmt="%H:%M:%S"
+    )
+    try:
+        code = run_verb(parser().parse_args(argv))
+        sys.stdout.flush()  # output still buffered for a pipe is written here, where a closed pipe is caught
+        return code
+    except BrokenPipeError:  # `raylm check quickstart | head -1`: the reader stopped, which is no error
+        # Python writes what is left in stdout's buffer again at exit; pointing stdout at /dev/null makes
+        # that write succeed instead of printing a second BrokenPipeError (the recipe in Python's docs).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT
 
 
 if __name__ == "__main__":

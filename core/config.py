@@ -9,6 +9,8 @@ paths that link one stage's output to the next stage's input, and turns every va
 from __future__ import annotations
 
 import os
+import re
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -206,8 +208,33 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+SHIPPED_RECIPES = "raylm.recipes"  # the repository's recipes/ folder, installed as package data
+RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a shipped recipe is named, never a path
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes installed with raylm, by name (`quickstart` -> .../raylm/recipes/quickstart.yaml);
+    none when the package is missing (an editable install made before recipes/ became a package)."""
+    try:
+        folder = resources.files(SHIPPED_RECIPES)
+    except ModuleNotFoundError:
+        return {}
+    # A wheel installs the recipes as a plain folder; a Path is what the rest of the code reads.
+    files = (Path(str(f)) for f in folder.iterdir())
+    return {f.stem: f for f in files if f.suffix == ".yaml" and f.is_file()}
+
+
+def recipe_description(path: Path) -> str:
+    """A recipe's one-line description: the first line of its leading comment (every shipped recipe
+    starts with one)."""
+    with path.open(encoding="utf-8") as f:
+        first = f.readline(MAX_SHOWN * 3).strip()
+    return shown(first.removeprefix("#").strip(), MAX_SHOWN * 2) if first.startswith("#") else ""
+
+
 def resolve_recipe(recipe: str) -> Path:
-    """A recipe is a YAML path, or the name of a file in ./recipes (`quickstart` -> recipes/quickstart.yaml)."""
+    """A recipe is a YAML path, a file in ./recipes, or the name of a recipe shipped with raylm
+    (`quickstart`): a path first, so a user's own files win over the shipped ones."""
     path = Path(recipe)
     candidates = [path, Path("recipes") / recipe, Path("recipes") / f"{recipe}.yaml"]
     try:
@@ -218,8 +245,13 @@ def resolve_recipe(recipe: str) -> Path:
             raise ConfigError(f"recipe '{shown(recipe)}' is a directory, not a YAML file")
     except OSError as exc:  # a name too long for the file system, say: is_file() raises instead of False
         raise ConfigError(f"recipe '{shown(recipe)}' cannot be opened: {exc.strerror or exc}") from None
+    shipped = shipped_recipes()
+    name = recipe.removesuffix(".yaml")
+    if RECIPE_NAME.fullmatch(name) and name in shipped:
+        return shipped[name]
     raise ConfigError(
-        f"recipe '{shown(recipe)}' not found (looked for {shown(path)} and recipes/{shown(recipe)}.yaml)"
+        f"recipe '{shown(recipe)}' not found (looked for {shown(recipe)}, recipes/{shown(name)}.yaml and "
+        f"the recipes shipped with raylm: {', '.join(sorted(shipped)) or 'none installed'})"
     )
 
 

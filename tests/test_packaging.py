@@ -7,6 +7,7 @@ import subprocess
 import sys
 import sysconfig
 import venv
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ PACKAGES = [
     "raylm.serving",
     "raylm.tuning",
     "raylm.cluster",
+    "raylm.recipes",
 ]
 GENERIC_NAMES = {"core", "pipelines", "training", "serving", "tuning", "cluster", "benchmarks", "tests"}
 
@@ -79,16 +81,30 @@ def test_every_package_imports_from_the_wheel(fresh_env, tmp_path):
     assert out.stdout.strip().startswith(str(site)), "imported from the wheel, not the checkout"
 
 
-def test_console_script_checks_a_recipe(fresh_env):
-    env_dir, _ = fresh_env
+def installed_raylm(env_dir: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The wheel's console script, run as a user would: from a folder outside the checkout."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run(
-        [env_dir / "bin" / "raylm", "check", "quickstart"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
+    return subprocess.run(
+        [env_dir / "bin" / "raylm", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300
     )
+
+
+def test_console_script_checks_a_shipped_recipe_from_any_folder(fresh_env, tmp_path):
+    env_dir, site = fresh_env
+    assert (site / "raylm" / "recipes" / "quickstart.yaml").is_file(), "the recipes are not in the wheel"
+    out = installed_raylm(env_dir, "check", "quickstart", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert '"name": "quickstart"' in out.stdout
+    assert "\nname: quickstart\n" in out.stdout
+
+
+def test_console_script_lists_copies_and_versions_recipes(fresh_env, tmp_path):
+    env_dir, _ = fresh_env
+    listed = installed_raylm(env_dir, "recipes", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert any(line.startswith("quickstart ") for line in listed.stdout.splitlines()), listed.stdout
+    copied = installed_raylm(env_dir, "init", "quickstart", cwd=tmp_path)
+    assert copied.returncode == 0, copied.stderr[-2000:]
+    assert (tmp_path / "quickstart.yaml").read_bytes() == (ROOT / "recipes" / "quickstart.yaml").read_bytes()
+    version = installed_raylm(env_dir, "--version", cwd=tmp_path)
+    # The wheel is this checkout's version, as the development environment's editable install reports it
+    assert version.stdout.strip() == f"raylm {metadata.version('raylm')}", version.stdout + version.stderr

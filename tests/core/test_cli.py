@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 
 def raylm(*args):
@@ -36,4 +37,7 @@ def test_bad_input_exits_2_before_ray(args, message):
 def test_check_prints_resolved_config():
     proc = raylm("check", "quickstart", "data.seq_len=64")
     assert proc.returncode == 0, proc.stderr
-    assert '"seq_len": 64' in proc.stdout and 'runs/quickstart/curated"' in proc.stdout
+    resolved = yaml.safe_load(proc.stdout)
+    assert resolved["data"]["seq_len"] == 64 and resolved["data"]["output"].endswith(
+        "runs/quickstart/curated"
+    )

@@ -116,7 +116,7 @@ def test_malformed_override(capsys, recipes, override, fragment):
 
 def test_good_recipe_still_checks(capsys, recipes):
     assert main(["check", recipes["good"], "train.schedule.lr=1", "train.use_gpu=false"]) == 0
-    assert '"lr": 1.0' in capsys.readouterr().out
+    assert "lr: 1.0" in capsys.readouterr().out
 
 
 def test_any_long_error_is_cut_to_a_few_lines(capsys, monkeypatch):
