@@ -3,15 +3,19 @@
 Rows: fp32 (the reference), bitsandbytes int8 and nf4 (the raylm engine's load-time quantization),
 GPTQ W4A16 and SmoothQuant+GPTQ W8A8 (raylm compress, compressed-tensors folders), SparseGPT 2:4, and the
 baselines the calibrated methods must beat on the same grid: round-to-nearest W4A16 / W8A8 (GPTQ with an
-identity Hessian is exactly rounding: no error is fed back) and magnitude 2:4. For each: parameters,
+identity Hessian is exactly rounding: no error is fed back) and magnitude 2:4; and the distilled student
+at half the layers (raylm compress's distill: evenly spaced teacher layers, trained by raylm's training
+loop against the teacher's logits) beside the same student trained as long on the data alone
+(alpha 0), with each one's held-out KL to the teacher. For each: parameters,
 bytes on disk (bitsandbytes quantizes at load: its weights' bytes in memory instead), held-out
 perplexity and its ratio to fp32, and the time it took.
 
     .venv/bin/python benchmarks/compress.py --model runs/quickstart/train/export \
-        --data runs/quickstart/curated --out .bench/compress.json
+        --data runs/quickstart/curated --out .bench/compress.json [--only distill]
 
 Compressed models are scored as written and loaded back by transformers (W8A8 with its per-token int8
-activations), the same code path as `raylm compress`'s table. No Ray: this measures the methods.
+activations), the same code path as `raylm compress`'s table. No Ray: this measures the methods (the
+students train in this process, world size 1, through training/loop.py's train_in_process).
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from unittest import mock
 
 import torch
 
-from raylm.compression import calibration, layerwise, worker
-from raylm.compression.config import CompressConfig
+from raylm.compression import calibration, distill, layerwise, worker
+from raylm.compression.config import CompressConfig, DistillConfig
 from raylm.compression.report import comparison, table
+from raylm.core.artifacts import TrainDir
+from raylm.training.loop import train_in_process
 
 
 def identity_hessians(layer, inputs):
@@ -60,6 +66,46 @@ def bnb_row(c: CompressConfig, method: str) -> dict:
     }
 
 
+def distill_rows(c: CompressConfig, a: argparse.Namespace, tmp: str) -> list[dict]:
+    """The student at half the teacher's layers, distilled (alpha, T from the flags) and trained on the
+    data alone (alpha 0), the same steps, seed and rows; the teacher replica's size beside each."""
+    rows = []
+    for name, alpha in (("distill", a.distill_alpha), ("student_ce_only", 0.0)):
+        d = DistillConfig(
+            max_steps=a.distill_steps,
+            num_workers=1,
+            micro_batch_size=4,
+            global_batch_size=16,
+            schedule={"lr": 1e-3, "warmup_steps": 20},
+            checkpoint={"every_steps": a.distill_steps},
+            alpha=alpha,
+            temperature=a.distill_temperature,
+            log_every=50,
+        )
+        cfg = c.model_copy(update={"distill": d})
+        work = os.path.join(tmp, name)
+        started = time.perf_counter()
+        start = distill.build_student(cfg, os.path.join(work, "init"), a.seed)
+        _, config = distill.student_run(cfg, a.seed, start, work)
+        history = train_in_process(config, lambda metrics, checkpoint: None)
+        done = worker.score_student(cfg, TrainDir(work).export.root, time.perf_counter() - started)
+        rows.append(
+            {
+                **done["row"],
+                "method": name,
+                "steps": a.distill_steps,
+                "alpha": alpha,
+                "temperature": a.distill_temperature,
+                "step_time_s_median": sorted(r["step_time_s"] for r in history)[len(history) // 2],
+                "teacher_replica_bytes": worker.folder_bytes(c.model) if alpha > 0 else 0,
+            }
+        )
+        print(
+            f"{name}: ppl {done['row']['perplexity']:.3f} KL {done['row']['kl_to_teacher']:.4f}", flush=True
+        )
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
@@ -69,6 +115,10 @@ def main() -> None:
     p.add_argument("--eval-rows", type=int, default=64)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distill-steps", type=int, default=400)
+    p.add_argument("--distill-alpha", type=float, default=0.5)
+    p.add_argument("--distill-temperature", type=float, default=2.0)
+    p.add_argument("--only", choices=["all", "distill"], default="all", help="distill: the student rows only")
     a = p.parse_args()
     c = CompressConfig(
         model=a.model,
@@ -80,7 +130,7 @@ def main() -> None:
     )
     ref = worker.reference(c)
     rows = []
-    for method in ("bnb_int8", "bnb_nf4"):
+    for method in ("bnb_int8", "bnb_nf4") if a.only == "all" else ():
         rows.append(bnb_row(c, method))
     plan = [
         ("gptq_w4a16", "gptq_w4a16", {}),
@@ -91,7 +141,7 @@ def main() -> None:
         ("magnitude_2of4", "sparse_2of4", {"prune": {"algorithm": "magnitude"}}),
     ]
     with tempfile.TemporaryDirectory(prefix="raylm-bench-compress-") as tmp:
-        for name, method, change in plan:
+        for name, method, change in plan if a.only == "all" else ():
             cfg = c.model_copy(update={k: type(getattr(c, k))(**v) for k, v in change.items() if k != "rtn"})
             patch = (
                 mock.patch.object(layerwise, "layer_hessians", identity_hessians)
@@ -102,6 +152,7 @@ def main() -> None:
                 done = worker.compress(cfg, method, a.seed, os.path.join(tmp, name))
             rows.append({**done["row"], "method": name})
             print(f"{name}: ppl {done['row']['perplexity']:.3f}", flush=True)
+        rows += distill_rows(c, a, tmp)
     rows = comparison(ref, rows)
     print(table(rows))
     result = {
@@ -113,6 +164,13 @@ def main() -> None:
         "calibration_samples": a.num_samples,
         "eval_rows": a.eval_rows,
         "group_size": a.group_size,
+        "distill": {
+            "steps": a.distill_steps,
+            "alpha": a.distill_alpha,
+            "temperature": a.distill_temperature,
+            "student": "half the teacher's layers, from its even layers",
+            "batch": "16 rows per step (4 x 4 accumulated), lr 1e-3, warmup 20, cosine",
+        },
         "rows": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

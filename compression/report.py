@@ -1,5 +1,5 @@
 """The comparison table of `raylm compress`: parameters, bytes on disk, held-out perplexity and its ratio
-to the uncompressed model, one row per method (compare.json and the table printed at the end)."""
+to the uncompressed model (and, for a distilled student, its KL to it), one row per method (compare.json and the table printed at the end)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ COLUMNS = (
     ("perplexity", "ppl", "{:.3f}"),
     ("perplexity_ratio", "ppl ratio", "{:.4f}"),
     ("sparsity", "sparsity", "{:.3f}"),
+    ("kl_to_teacher", "KL to ref", "{:.4f}"),
     ("compress_s", "time s", "{:.1f}"),
 )
 

@@ -1,4 +1,5 @@
-"""`raylm compress RECIPE`: quantize or prune the trained model, one Ray task per method.
+"""`raylm compress RECIPE`: quantize, prune or distill the trained model, one Ray task per method
+(distill: a Ray Train run, compression/distill.py).
 
 Setup (the model, the curated splits, the output folder: checked before Ray starts where they exist),
 compress (a Ray task per method and one scoring the reference model, each with compress.resources, so a
@@ -14,7 +15,9 @@ import logging
 import os
 from typing import Any
 
+from raylm.compression import distill
 from raylm.compression.config import QUANTIZED, CompressConfig
+from raylm.compression.distill import DISTILL
 from raylm.compression.report import comparison, table
 from raylm.core import lineage, outputs, storage, tracking
 from raylm.core.artifacts import COMPRESS, EXPORT_ADAPTER, CompressDir, CuratedDir, ExportDir
@@ -47,6 +50,8 @@ def check_model(c: CompressConfig) -> None:
         raise ConfigError(
             f"compress.methods sparse_2of4: layer input sizes {sorted(inputs)} are not multiples of 4"
         )
+    if DISTILL in c.methods:
+        distill.check(c)
 
 
 def check_data(c: CompressConfig) -> int:
@@ -98,7 +103,7 @@ def run(cfg: PlatformConfig) -> dict[str, Any]:
     outputs.claim_run_dir(cfg.run_dir, c.output)
     parents = [p for p in (ExportDir(c.model).manifest, CuratedDir(c.data_dir).manifest) if storage.exists(p)]
     with tracking.stage_run(cfg, COMPRESS, dump_config(c), parents, c.output) as tracker:
-        manifest = _compress(c, seed, parents)
+        manifest = _compress(c, seed, parents, tracker.ref_dict())
         out = CompressDir(c.output)
         tracker.log_metrics(_comparison_metrics(manifest["comparison"]))
         tracker.finish_stage(manifest, "methods", c.output, [out.compare_json])
@@ -111,8 +116,12 @@ def _comparison_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
     return tracking.numbers({row["method"]: {k: v for k, v in row.items() if k != "method"} for row in rows})
 
 
-def _compress(c: CompressConfig, seed: int, parents: list[str]) -> dict[str, Any]:
-    """One Ray task per method and one scoring the reference, into the staged output; returns the manifest."""
+def _compress(
+    c: CompressConfig, seed: int, parents: list[str], tracking: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """One Ray task per method and one scoring the reference, into the staged output (distill: a Ray
+    Train run logging its steps to the `tracking` MLflow run, then a task scoring it); returns the
+    manifest."""
     import ray
 
     from raylm.compression import worker
@@ -124,9 +133,16 @@ def _compress(c: CompressConfig, seed: int, parents: list[str]) -> dict[str, Any
         runs = {
             m: ray.remote(worker.compress).options(**task).remote(c, m, seed, out.method(m).root)
             for m in c.methods
+            if m != DISTILL
         }
+        if DISTILL in c.methods:  # Ray Train from the driver, as `raylm train`, while the tasks run
+            done = distill.distill(c, seed, out.method(DISTILL).root, tracking)
+            score = ray.remote(worker.score_student).options(**task)
+            runs[DISTILL] = score.remote(c, out.method(DISTILL).root, done["seconds"])
         ref_row = ray.get(reference)
         results = {m: ray.get(ref) for m, ref in runs.items()}
+        if DISTILL in c.methods:
+            results[DISTILL]["details"] = done["details"]
         rows = comparison(ref_row, [results[m]["row"] for m in c.methods])
         storage.write_json(out.compare_json, {"rows": rows})
         print(table(rows), flush=True)
@@ -151,6 +167,8 @@ def serving_notes(methods: list[str]) -> dict[str, str]:
             notes[m] = (
                 "serve.engine vllm (compressed-tensors, detected from config.json); transformers loads it"
             )
+        elif m == DISTILL:
+            notes[m] = "any engine (a dense HF model with fewer layers)"
         else:
             notes[m] = "any engine (a dense model with zeros); no sparse kernels on CPU"
     return notes

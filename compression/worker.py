@@ -78,3 +78,23 @@ def compress(c: CompressConfig, method: str, seed: int, out: str) -> dict[str, A
     if method in PRUNED:
         row["sparsity"] = methods.sparsity_of(written)
     return {"row": row, "details": details}
+
+
+def score_student(c: CompressConfig, out: str, seconds: float) -> dict[str, Any]:
+    """The comparison row of a distilled student (compression/distill.py trained it into `out`): also its
+    mean per-token KL to the teacher on the held-out rows."""
+    from raylm.training.distill import kl_to_teacher
+
+    device = device_of(c)
+    student, _ = load(out, device)
+    teacher, _ = load(c.model, device)
+    held_out = calibration.eval_batches(c.data_dir, c.eval)
+    row = {
+        "method": "distill",
+        "parameters": parameters(student),
+        "bytes": folder_bytes(out),
+        "perplexity": calibration.perplexity(student, held_out),
+        "kl_to_teacher": kl_to_teacher(student, teacher, held_out),
+        "compress_s": round(seconds, 2),
+    }
+    return {"row": row}

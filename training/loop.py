@@ -39,6 +39,14 @@ from raylm.training.model import build_model, cosine_lr_lambda, count_params, pa
 from raylm.training.runtime import InProcess, RayTrain, Runtime, ray_train_report
 
 Report = Callable[[dict[str, Any], str | None], None]
+# The loss of one micro batch: (engine, token ids) -> a scalar to backpropagate. Plain next-token
+# cross-entropy, or knowledge distillation's mix with a frozen teacher (training/distill.py).
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+def lm_loss(engine, x: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of the model being trained (HF shifts the labels)."""
+    return engine(input_ids=x, labels=x).loss
 
 
 class Preempted(RuntimeError):
@@ -62,6 +70,7 @@ class TrainingRun:
     engine: Any
     lr_fn: Callable[[int], float]
     mfu: Mfu
+    loss_fn: LossFn = lm_loss
     start_step: int = 0
     attempt: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -89,8 +98,9 @@ def train_in_process(config: dict[str, Any], report: Report) -> list[dict[str, A
 def train(config: dict[str, Any], rt: Runtime, report: Report) -> list[dict[str, Any]]:
     """Train on this rank. `config` is plain data (so Ray Tune can pass it): "train" (a TrainConfig
     dump), "seed", "seq_len", "run_name" (metric tags), "resume_from", "storage_dir", "tracking" (an
-    MLflow run for rank 0's per-step metrics, core/tracking.py's RunRef as a dict; optional). Returns the
-    history (one row per step, since the first step of the first attempt)."""
+    MLflow run for rank 0's per-step metrics, core/tracking.py's RunRef as a dict; optional), "distill"
+    (teacher, temperature, alpha: train against a teacher's logits, training/distill.py; optional).
+    Returns the history (one row per step, since the first step of the first attempt)."""
     t_start = time.time()
     cfg = TrainConfig.model_validate(config["train"])
     run = None
@@ -166,6 +176,7 @@ def setup(cfg: TrainConfig, config: dict[str, Any], rt: Runtime, t_start: float)
         engine=engine,
         lr_fn=lr_fn,
         mfu=mfu_meter(cfg, engine.module, seq_len, rt.device, rt.world),
+        loss_fn=build_loss_fn(cfg, config, rt),
         start_step=start_step,
         attempt=resume.state.attempt + 1 if resume else 0,
         history=list(resume.state.history) if resume else [],
@@ -182,6 +193,17 @@ def setup(cfg: TrainConfig, config: dict[str, Any], rt: Runtime, t_start: float)
     }
     log_start(run, params)
     return run
+
+
+def build_loss_fn(cfg: TrainConfig, config: dict[str, Any], rt: Runtime) -> LossFn:
+    """The loss of a micro batch: cross-entropy, or with a "distill" block the mix with a teacher's
+    logits (the teacher loads here, on this rank's device, outside DeepSpeed). alpha 0 is the
+    cross-entropy alone: no teacher is loaded."""
+    if not config.get("distill") or config["distill"]["alpha"] == 0:
+        return lm_loss
+    from raylm.training.distill import DistillLoss
+
+    return DistillLoss(config["distill"], rt.device, cfg.deepspeed.precision)
 
 
 def load_tokens(cfg: TrainConfig, rt: Runtime, seq_len: int) -> tuple[TokenShards, TokenShards | None]:
@@ -276,7 +298,7 @@ def optimizer_step(run: TrainingRun, step: int) -> tuple[float, float, float]:
     losses = []
     for m in range(run.accum):
         x = torch.from_numpy(batch[m * mb : (m + 1) * mb]).long().to(rt.device)
-        loss = engine(input_ids=x, labels=x).loss
+        loss = run.loss_fn(engine, x)
         engine.backward(loss)
         engine.step()
         losses.append(loss.detach())
