@@ -2,7 +2,8 @@
 embedded, with tables of the numbers) next to the curated folder's manifest.
 
 The numbers come from the manifest's fields (counts, drops, language, sensitive, classifiers, dedup,
-timings, optional bytes); the histograms from the folder itself, computed with Ray Data: every block of
+optional bytes; not the timings, which are in the manifest: the same corpus gives the same report, byte
+for byte, as it gives the same documents); the histograms from the folder itself, computed with Ray Data: every block of
 docs/ and dedup/clusters.parquet returns a few (histogram, bin, count) rows over fixed bin edges, summed
 on the driver, so no process ever holds the documents or the clusters. A panel with no data is left out.
 """
@@ -418,9 +419,10 @@ def _histogram_tables(hists: Histograms) -> str:
     return "".join(parts)
 
 
-def render_html(root: str, manifest: dict, hists: Histograms, views: list[Panel], png: bytes) -> str:
+def render_html(manifest: dict, hists: Histograms, views: list[Panel], png: bytes) -> str:
     """A self-contained page: the figure inline (base64), tables of the numbers; no script, nothing
-    fetched; every string that comes from the data escaped."""
+    fetched; every string that comes from the data escaped. Nothing that changes from run to run (the
+    timings, the staging folder's path), so reruns and cluster runs compare byte for byte."""
     alt = html.escape("; ".join(v.title for v in views), quote=True)
     sections = [
         _section("Documents per stage", _stage_table(manifest)),
@@ -430,12 +432,11 @@ def render_html(root: str, manifest: dict, hists: Histograms, views: list[Panel]
         _section("Classifiers", _block_table(manifest.get("classifiers"), "classifier")),
         _section("Deduplication", table(["field", "value"], list((manifest.get("dedup") or {}).items()))),
         _section("Histograms", _histogram_tables(hists)),
-        _section("Timings (s)", table(["phase", "value"], list((manifest.get("timings") or {}).items()))),
     ]
     image = base64.b64encode(png).decode("ascii")
     return (
         f'<!doctype html><html><head><meta charset="utf-8"><title>curation report</title>'
-        f"<style>{STYLE}</style></head><body><h1>Curation report</h1><p>{html.escape(root)}</p>"
+        f"<style>{STYLE}</style></head><body><h1>Curation report</h1>"
         f'<img src="data:image/png;base64,{image}" alt="{alt}">{"".join(sections)}</body></html>\n'
     )
 
@@ -448,5 +449,5 @@ def write_report(root: str, manifest: dict) -> list[str]:
     views = panels(manifest, hists)
     png = render_png(views)
     storage.write_bytes(folder.report_png, png)
-    storage.write_text(folder.report, render_html(root, manifest, hists, views, png))
+    storage.write_text(folder.report, render_html(manifest, hists, views, png))
     return [folder.report, folder.report_png]
