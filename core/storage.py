@@ -128,6 +128,23 @@ def local_copy(uri: str) -> Iterator[str]:
             shutil.rmtree(local, ignore_errors=True)
 
 
+@contextmanager
+def local_file(uri: str) -> Iterator[str]:
+    """A local path of one file for as long as the context lasts: the path itself, or a downloaded copy
+    removed at its end (a model file that a library can only open from disk)."""
+    if not is_remote(uri):
+        yield uri
+        return
+    import tempfile
+
+    fs, path = filesystem(uri)
+    with tempfile.NamedTemporaryFile(suffix=os.path.basename(path)) as tmp:
+        with fs.open_input_stream(path) as src:
+            tmp.write(src.read())
+        tmp.flush()
+        yield tmp.name
+
+
 def read_json(uri: str) -> Any:
     return json.loads(read_text(uri))
 

@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import re
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +58,7 @@ def model_labels(kind: str, path: str) -> tuple[str, ...]:
     """The labels of a model, in the order of its outputs: an HF model's id2label (config.json), a
     fastText model's labels without __label__."""
     if kind == "fasttext":
-        with local_file(path) as local:
+        with storage.local_file(path) as local:
             return tuple(label.removeprefix(FASTTEXT_PREFIX) for label in _load_fasttext(local).get_labels())
     config = storage.read_json(storage.join(path, "config.json"))
     id2label = config.get("id2label") or {i: f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
@@ -125,20 +121,6 @@ def plans(classifiers: dict[str, ClassifierConfig]) -> list[Plan]:
 def preflight(classifiers: dict[str, ClassifierConfig]) -> None:
     """Before Ray starts: the models exist, load their labels, and the thresholds name real labels."""
     plans(classifiers)
-
-
-@contextmanager
-def local_file(uri: str) -> Iterator[str]:
-    """A local path of one file: the path itself, or a downloaded copy removed afterwards."""
-    if not storage.is_remote(uri):
-        yield uri
-        return
-    fs, path = storage.filesystem(uri)
-    with tempfile.NamedTemporaryFile(suffix=os.path.basename(path)) as tmp:
-        with fs.open_input_stream(path) as src:
-            tmp.write(src.read())
-        tmp.flush()
-        yield tmp.name
 
 
 def _load_fasttext(path: str):
@@ -207,7 +189,7 @@ class FastTextScorer:
     """A supervised fastText model: the probability of each of its labels per text."""
 
     def __init__(self, cfg: ClassifierConfig, labels: tuple[str, ...]):
-        with local_file(cfg.path) as local:
+        with storage.local_file(cfg.path) as local:
             self.model = _load_fasttext(local)
         self.index = {FASTTEXT_PREFIX + label: i for i, label in enumerate(labels)}
 

@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -73,7 +69,7 @@ class FastTextModel:
     def __init__(self, path: str):
         import fasttext
 
-        with _local_file(path) as local:
+        with storage.local_file(path) as local:
             self.model = fasttext.load_model(local)
 
     def classify(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
@@ -82,19 +78,6 @@ class FastTextModel:
         labels, probs = self.model.predict([t.replace("\n", " ") for t in texts], k=1)
         names = [found[0].removeprefix("__label__") if found else "" for found in labels]
         return names, np.array([min(float(p[0]), 1.0) if len(p) else 0.0 for p in probs])
-
-
-@contextmanager
-def _local_file(uri: str) -> Iterator[str]:
-    if not storage.is_remote(uri):
-        yield uri
-        return
-    fs, path = storage.filesystem(uri)
-    with tempfile.NamedTemporaryFile(suffix=os.path.basename(path)) as tmp:
-        with fs.open_input_stream(path) as src:
-            tmp.write(src.read())
-        tmp.flush()
-        yield tmp.name
 
 
 @functools.cache
