@@ -42,7 +42,11 @@ SHARED_ENV = "RAYLM_SHARED_PREFIXES"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("stage", choices=VERBS, metavar="VERB", help=f"what the job runs: {', '.join(VERBS)}")
-    p.add_argument("recipe", help="recipe YAML path inside the current directory, or a name in recipes/")
+    p.add_argument(
+        "recipe",
+        help="recipe YAML path, or a name in ./recipes/, inside the current directory, which is uploaded with the job "
+        "(`raylm init NAME` copies a shipped recipe here)",
+    )
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=20")
     p.add_argument("--address", help=f"Ray dashboard URL (default: RAY_ADDRESS, else {jobs.DEFAULT_ADDRESS})")
     p.add_argument("--follow", action="store_true", help="stream the job's logs; exit with its result")
