@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from raylm.core.cli import MAX_MESSAGE_LINES, main
+from raylm.core.stages import STAGES
 from tests.hostile.test_recipes import QUICKSTART, field_cases, garbage_recipes, override_cases
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,10 +81,8 @@ def test_bad_overrides_never_reach_the_cluster(capsys, cluster, tally):
     fields = [c for c in field_cases(seed=32) if c[2] == "override"]
     picked = rng.sample(fields, 60)
     for key, value, _ in picked:
-        stage = (
-            "run" if key.split(".")[0] in ("name", "run_dir", "stages", "seed", "ray") else key.split(".")[0]
-        )
-        verb = {"data": "curate"}.get(stage, stage)
+        # A stage's section goes with its verb; platform keys (name, ray, tracking, ...) with `run`.
+        verb = {s.section: s.name for s in STAGES}.get(key.split(".")[0], "run")
         err = refused(capsys, cluster, [verb, "quickstart", f"{key}={value}"])
         assert key in err, (key, value, err)
     odd = rng.sample(override_cases(), 20)
