@@ -84,10 +84,7 @@ def plan(name: str, cfg: ClassifierConfig, key: str) -> Plan:
     """The classifier's columns and thresholds; a label the model does not have is a ConfigError."""
     try:
         labels = model_labels(cfg.kind, cfg.path)
-    except (
-        OSError,
-        ValueError,
-    ) as exc:  # an unreadable config.json or .bin (JSONDecodeError is a ValueError)
+    except (OSError, ValueError) as exc:  # an unreadable config.json or .bin (JSONDecodeError: ValueError)
         raise ConfigError(f"{key}.path: cannot read the model's labels from {cfg.path}: {exc}") from None
     columns = tuple(f"{name}_{column_label(label)}" for label in labels)
     if len(set(columns)) < len(columns) or any(c == f"{name}_" for c in columns):
