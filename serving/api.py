@@ -81,6 +81,9 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     seed: Annotated[int | None, Number] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: Annotated[bool, Switch] = False
+    # vLLM's extension, same name and meaning: keep generating past the end-of-text token, to max_tokens
+    # (load generators ask for it so that every request is as long as it asked to be).
+    ignore_eos: Annotated[bool, Switch] = False
     stream_options: StreamOptions | None = None
     logprobs: Any = None
     user: str | None = None

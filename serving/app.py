@@ -194,9 +194,10 @@ class LLMServer:
         for prompt in prompts:
             for choice in range(req.n):
                 seed = None if req.seed is None else req.seed + choice
-                seqs.append(
-                    (prompt, SamplingParams(max_tokens, req.temperature, req.top_p, tuple(stop), seed))
+                params = SamplingParams(
+                    max_tokens, req.temperature, req.top_p, tuple(stop), seed, req.ignore_eos
                 )
+                seqs.append((prompt, params))
         return GenerationRequest(req.model, adapter, [p for p, _ in seqs], [sp for _, sp in seqs])
 
     @staticmethod

@@ -61,6 +61,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -114,6 +115,18 @@ def check_adapter_dir(path: str) -> None:
     ExportDir(path).validate_adapter()
 
 
+def check_all_weights_loaded(path: str, loading: dict[str, Any]) -> None:
+    """transformers initialises weights it did not find at random and only logs it: a model served that way
+    answers with noise, so a checkpoint missing any weight of its architecture is refused."""
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise InputError(
+            f"serve.model {path}: the checkpoint has no values for {shown}; transformers would initialise "
+            "them at random. Is the folder complete, and saved for this architecture?"
+        )
+
+
 def quantization_config(method: str, dtype: torch.dtype, double_quant: bool = True) -> Any:
     from transformers import BitsAndBytesConfig
 
@@ -151,14 +164,19 @@ class Engine:
         torch_dtype = DTYPES[dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(
+        # quantization_config=None would not mean "none": it drops a quantized checkpoint's own config
+        # (raylm compress's compressed-tensors), and every quantized layer then loads random weights.
+        load_time = quantization_config(quantization, torch_dtype, nf4_double_quant)
+        self.model, loading = AutoModelForCausalLM.from_pretrained(
             model_path,
             dtype=torch_dtype,
-            quantization_config=quantization_config(quantization, torch_dtype, nf4_double_quant),
+            **({"quantization_config": load_time} if load_time is not None else {}),
             device_map={"": self.device},
             trust_remote_code=trust_remote_code,
             use_safetensors=True,
+            output_loading_info=True,
         )
+        check_all_weights_loaded(model_path, loading)
         self.model.eval()
         self.quantization = quantization
         self.eos_id = self.tokenizer.eos_token_id
@@ -457,7 +475,7 @@ class Engine:
 
     def _push(self, seq: _Sequence, token: int) -> Delta:
         """Append a token to a row; return the text that is now safe to hand out."""
-        if token == self.eos_id:
+        if token == self.eos_id and not seq.params.ignore_eos:
             seq.finish_reason = "stop"
             return Delta(seq.text.take(), len(seq.ids), seq.finish_reason)
         seq.ids.append(token)

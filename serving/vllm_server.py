@@ -297,6 +297,8 @@ class VLLMServer(LLMServer):
             fields["max_tokens"] = req.max_tokens
         if req.seed is not None:
             fields["seed"] = req.seed
+        if req.ignore_eos:
+            fields["ignore_eos"] = True
         if req.stream:
             fields["stream_options"] = {"include_usage": True}
         return fields

@@ -62,10 +62,18 @@ def test_manifest_links_model_and_data_and_rerun_skips(compressed):
 
 @pytest.mark.slow
 def test_quantized_model_answers_through_the_raylm_engine(compressed):
+    """The raylm engine loads the compressed-tensors folder with its own quantization (not random weights
+    in place of the packed ones: it once passed quantization_config=None, which drops it) and scores the
+    held-out rows as compare.json does."""
+    from raylm.compression import calibration
     from raylm.serving.engine import Engine
 
     cfg, _ = compressed
-    engine = Engine(CompressDir(cfg.compress.output).method("gptq_w4a16").root)
+    c = cfg.compress
+    engine = Engine(CompressDir(c.output).method("gptq_w4a16").root)
+    rows = {r["method"]: r for r in storage.read_json(CompressDir(c.output).compare_json)["rows"]}
+    served = calibration.perplexity(engine.model, calibration.eval_batches(c.data_dir, c.eval))
+    assert abs(served / rows["gptq_w4a16"]["perplexity"] - 1) < 1e-3
     ids = engine.tokenizer("the quick brown", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = engine.model.generate(ids, max_new_tokens=4, do_sample=False)

@@ -104,6 +104,22 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         Engine(str(tmp_path))
 
 
+def test_a_checkpoint_missing_weights_is_refused(tiny_model_dir, tmp_path):
+    """transformers would fill the missing weight with random values and only log it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from raylm.core.errors import InputError
+
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    weights = load_file(copy / "model.safetensors")
+    dropped = next(k for k in weights if k.endswith("mlp.up_proj.weight"))
+    save_file({k: v for k, v in weights.items() if k != dropped}, copy / "model.safetensors")
+    with pytest.raises(InputError, match=dropped.replace(".", r"\.")):
+        Engine(str(copy))
+
+
 def test_rows_joining_a_running_batch_decode_as_if_alone(engine):
     """Iteration-level batching: a prompt prefilled mid-generation and merged into the running batch
     (KV cache left-padded) produces exactly what it produces alone."""
@@ -156,3 +172,13 @@ def test_packed_prefill_is_used_only_where_the_model_honours_its_mask(engine, mo
 
     monkeypatch.setattr(engine, "_forward", mask_ignored)
     assert not engine._packed_prefill_works()
+
+
+def test_ignore_eos_generates_to_max_tokens(engine, monkeypatch):
+    """The end-of-text token ends a row unless the request asks to ignore it (vLLM's ignore_eos)."""
+    first = next(iter(engine.generate([engine.encode("the city")], [SamplingParams(1, 0)])))[0]
+    monkeypatch.setattr(engine, "eos_id", engine.encode(first.text)[-1])  # greedy picks it first
+    stops = list(engine.generate([engine.encode("the city")], [SamplingParams(6, 0)]))
+    goes_on = list(engine.generate([engine.encode("the city")], [SamplingParams(6, 0, ignore_eos=True)]))
+    assert stops[-1][0].finish_reason == "stop" and stops[-1][0].completion_tokens == 0
+    assert goes_on[-1][0].finish_reason == "length" and goes_on[-1][0].completion_tokens == 6

@@ -117,6 +117,12 @@ def test_seeds_at_the_64_bit_edges_work_and_wrap(url):
     assert texts[0] == texts[1]
 
 
+def test_ignore_eos_takes_a_boolean_and_generates_to_max_tokens(url):
+    refused(post(url, "/completions", completion(ignore_eos="yes")), param="ignore_eos")
+    body = post(url, "/completions", completion(ignore_eos=True, max_tokens=9)).json()
+    assert body["usage"]["completion_tokens"] == 9 and body["choices"][0]["finish_reason"] == "length"
+
+
 # ---- lone surrogates: JSON escapes in any string field, and CESU-8 bytes in the raw body ---------------
 LONE = "\ud800"
 SURROGATE_BODIES = [  # (route, body, param)
