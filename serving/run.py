@@ -1,4 +1,4 @@
-"""`raylm serve RECIPE`: deploy the model on Ray Serve, print the URL, block until Ctrl-C or SIGTERM.
+"""`raylm serve RECIPE`: deploy the model on Ray Serve, print the URL, block until Ctrl-C, SIGTERM or SIGHUP.
 
 Also writes `<run_dir>/serve/serve_config.yaml`, the same application as a Ray Serve config file, so an
 operator can run it on a cluster with `serve deploy` (and change batching there through user_config).
@@ -9,13 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
+import threading
 import time
 from typing import Any
 
 import yaml
 
-from raylm.core import outputs, storage
+from raylm.core import outputs, session, storage
 from raylm.core.artifacts import SERVE, RunDir
 from raylm.core.config import PlatformConfig
 from raylm.core.errors import ConfigError, RaylmError
@@ -24,6 +24,8 @@ from raylm.serving.config import ServeConfig
 from raylm.serving.engine import check_model_dir
 
 log = logging.getLogger("raylm")
+# How long stop() waits for Serve to delete the application of a joined cluster.
+DELETE_TIMEOUT_S = 10
 
 
 def serve_dir(cfg: PlatformConfig) -> str:
@@ -130,8 +132,6 @@ def startup_failure(app_name: str) -> str | None:
 
 def run(cfg: PlatformConfig) -> None:
     """Serve cfg.serve until interrupted. Ray is already initialised by the CLI."""
-    from ray import serve
-
     sc = cfg.serve
     if storage.is_remote(sc.model):
         raise ConfigError(
@@ -148,22 +148,36 @@ def run(cfg: PlatformConfig) -> None:
     url = start(sc, model_id, hashes)
     print(f"raylm: serving '{model_id}' at {url} (OpenAI API; Ctrl-C to stop)", flush=True)
     print(f"raylm: Ray Serve config for `serve deploy`: {config_path}", flush=True)
-    previous_sigterm = _stop_on_sigterm()
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        # Only this application: on a shared cluster other Serve applications keep running.
-        serve.delete(sc.app_name)
-        signal.signal(signal.SIGTERM, previous_sigterm)
+    with session.stop_signals():  # also when run() is called without the CLI
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            stop(sc.app_name)
 
 
-def _stop_on_sigterm() -> Any:
-    """Make SIGTERM end the serve stage like Ctrl-C does, so the application is shut down on the way out.
-    `ray job stop` sends SIGTERM, and on a cluster a Serve application outlives the driver that started
-    it: without this, stopping the job would leave the model serving. Returns the handler it replaced."""
+def stop(app_name: str) -> None:
+    """Take this application down, and only it: on a shared cluster other Serve applications keep running
+    (serve.shutdown() would end them too).
 
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+    On a Ray this process started there is nothing to delete: ray.shutdown ends the application with the
+    cluster. Asking Serve would even hang there after a SIGTERM to the process group (what a container
+    runtime or a service manager sends): Ray's GCS, raylet and workers share the group and are gone, and
+    the driver waits for the GCS for 60 s before Ray aborts it. On a joined cluster the delete is bounded
+    for the same reason (its processes may share the group), and a delete that does not finish is said.
+    """
+    from ray import serve
 
-    return signal.signal(signal.SIGTERM, interrupt)
+    if session.started_here():
+        return
+    deleting = threading.Thread(target=serve.delete, args=(app_name,), name="serve-delete", daemon=True)
+    deleting.start()
+    deleting.join(DELETE_TIMEOUT_S)
+    if deleting.is_alive():
+        log.warning(
+            "serve: application '%s' not confirmed deleted after %d s (is the cluster up?); check with "
+            "`serve status` and remove it with `serve delete %s`",
+            app_name,
+            DELETE_TIMEOUT_S,
+            app_name,
+        )

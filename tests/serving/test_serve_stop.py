@@ -54,7 +54,7 @@ def test_sigterm_stops_raylm_serve_and_deletes_only_its_application(
         assert requests.get(url.removesuffix("/v1") + "/health", timeout=30).status_code == 200
 
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 130  # the CLI's exit code for an interruption
+        assert proc.wait(timeout=120) == 143  # 128 + SIGTERM, the CLI's exit code for a stop signal
         assert "stopme" not in serve.status().applications
         assert serve.status().applications.keys() >= other
     finally:
