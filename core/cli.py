@@ -10,7 +10,6 @@ key or value exits with code 2 and a message naming the key, without starting a 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import yaml
 
 from raylm.cluster import check as cluster_check
 from raylm.cluster import monitor, submit
+from raylm.core import console, runs
 from raylm.core.config import (
     SHIPPED_RECIPES,
     PlatformConfig,
@@ -99,10 +99,15 @@ def run_stages(cfg: PlatformConfig, stages: list[str]) -> None:
         if getattr(cfg, BY_NAME[name].section) is None:
             raise ConfigError(f"stage '{name}' needs a '{BY_NAME[name].section}' section in the recipe")
     preflight(cfg, stages)
-    with ray_session(cfg.ray):
-        for name in stages:
-            logging.getLogger("raylm").info("== stage %s ==", name)
-            BY_NAME[name].function()(cfg)
+    results: dict[str, object] = {}
+    with console.run_logs(cfg) as logs, ray_session(cfg.ray):
+        console.where_logs_are(logs)
+        for index, name in enumerate(stages, 1):
+            if name == "serve" and results:  # serving blocks until Ctrl-C: sum up what came before now
+                console.print_summary(cfg, results, logs, serving=True)
+            console.banner(name, index, len(stages))
+            results[name] = BY_NAME[name].function()(cfg)
+        console.print_summary(cfg, results, logs)
 
 
 def _run_recipe(args: argparse.Namespace) -> int:
@@ -168,6 +173,18 @@ VERBS: tuple[Verb, ...] = (
         _init_recipe,
     ),
     Verb(
+        "runs",
+        "list the runs under a folder (default ./runs): each stage's status, when, and key figures",
+        runs.runs_arguments,
+        runs.runs_main,
+    ),
+    Verb(
+        "show",
+        "print an artifact's lineage: its manifest, then its parents' back to the corpus snapshot",
+        runs.show_arguments,
+        runs.show_main,
+    ),
+    Verb(
         "submit",
         "run a stage as a Ray job on a cluster: validates the recipe and checks its paths first",
         submit.add_arguments,
@@ -211,15 +228,14 @@ def run_verb(args: argparse.Namespace) -> int:
     except RaylmError as exc:
         print(f"raylm: error: {short_message(str(exc))}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("raylm: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C; SIGTERM and SIGHUP arrive as core.session.Interrupted
+        by = f" by {exc}" if hasattr(exc, "signum") else ""
+        print(f"raylm: interrupted{by}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)  # 128 + the signal's number, as a shell reports it
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s raylm %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
+    console.setup_console()  # raylm's lines on the console; libraries' detail goes to raylm.log (run_stages)
     try:
         code = run_verb(parser().parse_args(argv))
         sys.stdout.flush()  # output still buffered for a pipe is written here, where a closed pipe is caught

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raylm.core import metrics, outputs, storage
+from raylm.core import console, metrics, outputs, storage
 from raylm.core.artifacts import CLUSTERS_FILE, CURATED, SPLITS, CuratedDir
 from raylm.core.config import PlatformConfig, dump_config
 from raylm.core.errors import InputError
@@ -205,6 +205,8 @@ def _train_or_load_tokenizer(data: DataConfig, docs, n_docs: int, out_dir: str) 
 
     @ray.remote(num_cpus=1)
     def train(ds, limit: int, vocab: int, min_freq: int, out: str) -> int:
+        console.quiet_worker_dataset(ds)
+
         def texts():
             seen = 0
             for batch in ds.iter_batches(batch_size=1024, batch_format="pyarrow"):
@@ -315,15 +317,19 @@ def all_cpus_to_each_operator():
     """Ray Data's operator resource reservation (on by default) keeps a share of the CPUs for each
     operator of a pipeline, so curation's cleaning pass, its costliest operator, ran on a part of them
     (benchmarks/curate_files.py: 1.3x faster without it, with the read planned per file). Datasets capture
-    the context when they are created: switched off for this run's, restored after."""
+    the context when they are created: switched off for this run's, restored after. On a terminal the
+    run's datasets show one progress bar each, not one more per operator (core/console.py)."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
     before, context.op_resource_reservation_enabled = context.op_resource_reservation_enabled, False
+    bars = context.enable_operator_progress_bars
+    console.terminal_progress(context)
     try:
         yield
     finally:
         context.op_resource_reservation_enabled = before
+        context.enable_operator_progress_bars = bars
 
 
 def curate_documents(data: DataConfig, files, parts: int, staging: CuratedDir, tally: Tally, times: Timings):

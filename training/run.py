@@ -108,6 +108,9 @@ def build_trainer(t: TrainConfig, config: dict[str, Any], callbacks=(), loop=Non
             failure_config=ray.train.FailureConfig(max_failures=t.checkpoint.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.checkpoint.keep_last),
             callbacks=list(callbacks),
+            # Ray Train's own INFO lines (resources requested, worker group started) go to its log files
+            # in Ray's session folder only; the console keeps the loop's step lines (core/console.py).
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 
