@@ -8,7 +8,9 @@ at half the layers (raylm compress's distill: evenly spaced teacher layers, trai
 loop against the teacher's logits) beside the same student trained as long on the data alone
 (alpha 0), with each one's held-out KL to the teacher. For each: parameters,
 bytes on disk (bitsandbytes quantizes at load: its weights' bytes in memory instead), held-out
-perplexity and its ratio to fp32, and the time it took.
+perplexity and its ratio to fp32, and the time it took; then, served (benchmarks/compress_serving.py, unless
+--skip-serving): peak memory of the serving processes and output tokens/s at concurrency 1 and 32 on the
+engine that serves each, all variants served at once through raylm serve's deployment code.
 
     .venv/bin/python benchmarks/compress.py --model runs/quickstart/train/export \
         --data runs/quickstart/curated --out .bench/compress.json [--only distill]
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -36,6 +39,9 @@ from raylm.compression.config import CompressConfig, DistillConfig
 from raylm.compression.report import comparison, table
 from raylm.core.artifacts import TrainDir
 from raylm.training.loop import train_in_process
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import compress_serving
 
 
 def identity_hessians(layer, inputs):
@@ -106,6 +112,12 @@ def distill_rows(c: CompressConfig, a: argparse.Namespace, tmp: str) -> list[dic
     return rows
 
 
+def serving_columns(a: argparse.Namespace, folders: dict[str, str]) -> dict:
+    requests = {int(c): int(n) for c, n in (x.split(":") for x in a.requests.split(","))}
+    prompts = compress_serving.held_out_prompts(a.data, a.model, max(requests.values()))
+    return compress_serving.measure(compress_serving.plan(a.model, folders), prompts, a.max_tokens, requests)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True)
@@ -119,6 +131,9 @@ def main() -> None:
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-temperature", type=float, default=2.0)
     p.add_argument("--only", choices=["all", "distill"], default="all", help="distill: the student rows only")
+    p.add_argument("--skip-serving", action="store_true", help="no serving columns (memory, tokens/s)")
+    p.add_argument("--max-tokens", type=int, default=64, help="output tokens per served request")
+    p.add_argument("--requests", default="1:16,32:256", help="concurrency:requests per level, served")
     a = p.parse_args()
     c = CompressConfig(
         model=a.model,
@@ -140,6 +155,7 @@ def main() -> None:
         ("sparsegpt_2of4", "sparse_2of4", {}),
         ("magnitude_2of4", "sparse_2of4", {"prune": {"algorithm": "magnitude"}}),
     ]
+    folders = {}
     with tempfile.TemporaryDirectory(prefix="raylm-bench-compress-") as tmp:
         for name, method, change in plan if a.only == "all" else ():
             cfg = c.model_copy(update={k: type(getattr(c, k))(**v) for k, v in change.items() if k != "rtn"})
@@ -151,10 +167,15 @@ def main() -> None:
             with patch:
                 done = worker.compress(cfg, method, a.seed, os.path.join(tmp, name))
             rows.append({**done["row"], "method": name})
+            folders[name] = os.path.join(tmp, name)
             print(f"{name}: ppl {done['row']['perplexity']:.3f}", flush=True)
         rows += distill_rows(c, a, tmp)
+        folders["distill"] = TrainDir(os.path.join(tmp, "distill")).export.root
+        served = {} if a.skip_serving else serving_columns(a, folders)
     rows = comparison(ref, rows)
     print(table(rows))
+    if served:
+        print(compress_serving.table(served))
     result = {
         "benchmark": "compress",
         "date": time.strftime("%Y-%m-%d"),
@@ -172,6 +193,12 @@ def main() -> None:
             "batch": "16 rows per step (4 x 4 accumulated), lr 1e-3, warmup 20, cosine",
         },
         "rows": rows,
+        "served": served,
+        "serving": {
+            "max_tokens": a.max_tokens,
+            "requests": a.requests,
+            "how": compress_serving.__doc__.split("\n\n", 1)[1].strip() if served else None,
+        },
     }
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:

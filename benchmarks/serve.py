@@ -156,8 +156,9 @@ Job = tuple[str, int]  # (prompt, max_tokens)
 Systems = dict[str, tuple[str, str]]  # name -> (OpenAI base URL, model name)
 
 
-async def load(url: str, model: str, jobs: list[Job], concurrency: int) -> dict:
-    """`concurrency` clients, each sending its next request when the previous one is answered."""
+async def load(url: str, model: str, jobs: list[Job], concurrency: int, extra: dict | None = None) -> dict:
+    """`concurrency` clients, each sending its next request when the previous one is answered; `extra`
+    fields go into every request body (ignore_eos, say)."""
     import aiohttp
 
     queue = list(jobs)
@@ -166,7 +167,13 @@ async def load(url: str, model: str, jobs: list[Job], concurrency: int) -> dict:
     async def worker(session: aiohttp.ClientSession) -> None:
         while queue:
             prompt, max_tokens = queue.pop()
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+            body = {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                **(extra or {}),
+            }
             t0 = time.perf_counter()
             async with session.post(url + "/completions", json=body) as resp:
                 if resp.status != 200:  # counted, and the run ends failed (the body may not be JSON)
@@ -228,17 +235,19 @@ def mixed_lengths(levels: dict[int, int], seed: int, low: int = 16, high: int = 
     return {c: [rng.randint(low, high) for _ in range(max(c, n))] for c, n in levels.items()}
 
 
-def warm_up(systems: Systems, prompts: list[str], levels: dict[int, int], max_tokens: int) -> None:
+def warm_up(
+    systems: Systems, prompts: list[str], levels: dict[int, int], max_tokens: int, extra: dict | None = None
+) -> None:
     """Not measured: two requests one at a time, then one wave at the highest concurrency, so that no
     system's first big batch (shapes compiled, caches allocated) lands in a measured wave."""
     top = max(levels)
     for url, model in systems.values():
-        asyncio.run(load(url, model, [(p, max_tokens) for p in prompts[:2]], 1))
-        asyncio.run(load(url, model, [(p, max_tokens) for p in prompts[:top]], top))
+        asyncio.run(load(url, model, [(p, max_tokens) for p in prompts[:2]], 1, extra))
+        asyncio.run(load(url, model, [(p, max_tokens) for p in prompts[:top]], top, extra))
 
 
 def interleaved(
-    systems: Systems, waves_by_level: dict[int, list[list[Job]]]
+    systems: Systems, waves_by_level: dict[int, list[list[Job]]], extra: dict | None = None
 ) -> dict[str, dict[int, list[dict]]]:
     """Every system at every concurrency, one wave of `concurrency` requests at a time, the systems taking
     turns wave by wave (rotating who goes first): a slow spell on this shared machine then hits all of
@@ -249,7 +258,7 @@ def interleaved(
         for wave, jobs in enumerate(waves):
             for name in names[wave % len(names) :] + names[: wave % len(names)]:
                 url, model = systems[name]
-                raw[name][conc].append(asyncio.run(load(url, model, jobs, conc)))
+                raw[name][conc].append(asyncio.run(load(url, model, jobs, conc, extra)))
         for name in names:
             print(f"    {name} c={conc}: {summarise(conc, raw[name][conc])}", flush=True)
     return raw
