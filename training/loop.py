@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -160,7 +161,9 @@ def setup(cfg: TrainConfig, config: dict[str, Any], rt: Runtime, t_start: float)
     start_step = resume.state.step if resume else 0
     # The schedule is a pure function of the step: set it explicitly so every resume path agrees.
     engine.lr_scheduler.last_epoch = start_step - 1
-    engine.lr_scheduler.step()
+    with warnings.catch_warnings():  # torch's "scheduler stepped before the optimizer": here it sets the lr
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        engine.lr_scheduler.step()
     t_loaded = time.time()
     run = TrainingRun(
         cfg=cfg,

@@ -47,7 +47,7 @@ def build_model(
 
     torch.manual_seed(seed)
     if cfg.from_scratch is not None:
-        model = AutoModelForCausalLM.from_config(scratch_config(cfg, tokenizer, seq_len), torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_config(scratch_config(cfg, tokenizer, seq_len), dtype=dtype)
     else:
         kwargs: dict[str, Any] = {
             "torch_dtype": dtype,
