@@ -108,3 +108,28 @@ def test_console_script_lists_copies_and_versions_recipes(fresh_env, tmp_path):
     version = installed_raylm(env_dir, "--version", cwd=tmp_path)
     # The wheel is this checkout's version, as the development environment's editable install reports it
     assert version.stdout.strip() == f"raylm {metadata.version('raylm')}", version.stdout + version.stderr
+
+
+def test_console_script_lists_and_traces_runs_from_any_folder(fresh_env, tmp_path):
+    """`raylm runs` and `raylm show` from the wheel, on a run's manifests (written by raylm's own
+    lineage code): a curated folder and a training run made from it."""
+    from raylm.core import lineage, outputs
+    from raylm.core.artifacts import CURATED, RUN, TRAIN
+
+    env_dir, _ = fresh_env
+    run = tmp_path / "runs" / "demo"
+    outputs.claim(str(run), RUN)
+    curated = lineage.write_manifest(str(run / "curated"), CURATED, {"sources": [{"path": "corpus/"}]})
+    assert curated["kind"] == CURATED
+    lineage.write_manifest(
+        str(run / "train"), TRAIN, {"max_steps": 3}, [str(run / "curated" / "manifest.json")]
+    )
+    listed = installed_raylm(env_dir, "runs", cwd=tmp_path)  # ./runs by default
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    stages = [line.split()[:2] for line in listed.stdout.splitlines()[1:]]
+    assert stages == [["curate", "complete"], ["train", "complete"]], listed.stdout
+    shown = installed_raylm(env_dir, "show", str(run / "train"), cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "max_steps: 3" in shown.stdout and str(run / "curated") in shown.stdout, shown.stdout
+    missing = installed_raylm(env_dir, "show", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert missing.returncode == 2 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr
