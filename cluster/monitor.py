@@ -91,6 +91,12 @@ def main(args: argparse.Namespace) -> int:
         return proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # Prometheus ignored SIGTERM: its data is flushed on a timer
+            proc.kill()
+            proc.wait()
+            print("raylm monitor: Prometheus did not stop in 30 s; killed", file=sys.stderr)
+            return 1
         print("raylm monitor: Prometheus stopped", file=sys.stderr)
         return 0

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -48,20 +49,40 @@ def render_dashboards(url: str, out: str, start: float) -> list:
     return render.render_all(url, out, start, time.time(), rate_interval="15s")
 
 
+def default_sigint() -> None:
+    """The child starts with SIGINT as a shell gives it (deliverable, default action), whatever the test
+    process's own mask and disposition have become (a library may block or ignore it; both are inherited
+    across exec): the teardown's Ctrl-C once went unanswered in the full suite only."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def signal_masks(pid: int) -> str:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return ", ".join(line for line in status if line.startswith(("State", "SigBlk", "SigIgn", "SigCgt")))
+
+
 class Prometheus:
     def __init__(self, session: str, port: int, data_dir: str):
         self.url, self.started = f"http://127.0.0.1:{port}", time.time()
         command = ["raylm", "monitor", f"--session-dir={session}", f"--port={port}"]
         command += [f"--data-dir={data_dir}", "--scrape-interval=1s"]
         raylm = os.path.join(os.path.dirname(sys.executable), "raylm")
-        self.proc = subprocess.Popen([raylm, *command[1:]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # A file, not a pipe nobody reads: Prometheus logs every failed scrape, and once a pipe's 64 KiB
+        # filled, its writes blocked and it could not shut down on Ctrl-C (the stop test timed out).
+        self.log = os.path.join(data_dir, "monitor.log")
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [raylm, *command[1:]], stdout=out, stderr=subprocess.STDOUT, preexec_fn=default_sigint
+            )
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"raylm monitor exited: {self.proc.stdout.read().decode()[-2000:]}")
+                with open(self.log, errors="replace") as f:
+                    raise RuntimeError(f"raylm monitor exited: {f.read()[-2000:]}")
             try:
                 with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as r:
                     if r.status == 200:
@@ -103,10 +124,13 @@ class Prometheus:
         return got
 
     def stop(self) -> int:
-        """Ctrl-C, as a user stops `raylm monitor`; returns its exit code."""
+        """Ctrl-C, as a user stops `raylm monitor`; returns its exit code (on a timeout, says why)."""
         self.proc.send_signal(signal.SIGINT)
         try:
             return self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            masks = signal_masks(self.proc.pid)
             self.proc.kill()
-            return -9
+            with open(self.log, errors="replace") as f:
+                tail = f.read()[-1500:]
+            raise AssertionError(f"raylm monitor still running 30 s after Ctrl-C ({masks}): {tail}") from None
