@@ -68,8 +68,8 @@ class Prometheus:
         command = ["raylm", "monitor", f"--session-dir={session}", f"--port={port}"]
         command += [f"--data-dir={data_dir}", "--scrape-interval=1s"]
         raylm = os.path.join(os.path.dirname(sys.executable), "raylm")
-        # A file, not a pipe nobody reads: Prometheus logs every failed scrape, and once a pipe's 64 KiB
-        # filled, its writes blocked and it could not shut down on Ctrl-C (the stop test timed out).
+        # A file, not a pipe nobody reads: a full pipe would block Prometheus's writes (a run's output
+        # here is ~4 KiB, so not the cause of the stop timeouts), and the file is there to read on failure.
         self.log = os.path.join(data_dir, "monitor.log")
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
