@@ -87,6 +87,11 @@ class TrainingRun:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's entry point (TorchTrainer, training/run.py)."""
+    # DeepSpeed's ZeRO-3 collectives call torch.distributed functions torch has deprecated: a warning per
+    # call site per worker, forwarded to the driver's console, that no raylm user can act on.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
     train(config, RayTrain(), ray_train_report(config["train"]["report_every"]))
 
 
