@@ -25,6 +25,7 @@ from serve import (
     fixed_lengths,
     free_port,
     interleaved,
+    kv_bytes_per_token,
     paired,
     summarise,
     wait_http,
@@ -74,12 +75,7 @@ def serve_config(s: Served, port: int, context: int, kv_gib: float):
 
 def kv_cache_gib(model_dir: str, sequences: int, context: int) -> float:
     """vLLM's KV cache: room for `sequences` whole contexts in fp32 (a power-of-2 fraction of a GiB here)."""
-    import json
-
-    c = json.loads((Path(model_dir) / "config.json").read_text())
-    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    per_token = c["num_hidden_layers"] * 2 * c["num_key_value_heads"] * head_dim * 4
-    return sequences * context * per_token / 1024**3
+    return sequences * context * kv_bytes_per_token(model_dir) / 1024**3
 
 
 def replica_tree(app: str) -> list[int]:

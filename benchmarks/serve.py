@@ -329,14 +329,19 @@ VLLM_EAGER_WHY = (
 )
 
 
+def kv_bytes_per_token(model_dir: str) -> int:
+    """Bytes one token takes in a float32 KV cache: K and V of every layer's KV heads."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * 4
+
+
 def kv_cache_plan(model_dir: str) -> dict[str, int]:
     """One KV cache size for the paged caches: room for max_num_seqs sequences of the whole context, in
     bytes for both vLLM systems and in pages for `transformers serve --continuous-batching`, whose default
     (90% of free memory: 14 GB here, then masks sized by it) pushed the node past Ray's OOM threshold
     once the vLLM systems ran beside it. raylm's engine allocates each batch's cache as it goes."""
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    per_token = config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * 4  # fp32 K, V
+    per_token = kv_bytes_per_token(model_dir)
     tokens = KV_SEQUENCES * VLLM_MAX_MODEL_LEN
     return {
         "tokens": tokens,

@@ -24,6 +24,11 @@ def fingerprint(files: list[tuple[str, int, float | None]]) -> str:
     return digest.hexdigest()
 
 
+def utc_timestamp(seconds: float | None = None) -> str:
+    """A time (default: now) as manifests and output markers record it: ISO 8601, UTC, to the second."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
 def write_manifest(
     folder: str, kind: str, config: dict[str, Any], parents: list[str] | None = None, **sections: Any
 ) -> dict[str, Any]:
@@ -31,7 +36,7 @@ def write_manifest(
     manifest = {
         "kind": kind,
         "raylm_version": __version__,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created_at": utc_timestamp(),
         "host": platform.node(),
         "config": config,
         "parents": parents or [],

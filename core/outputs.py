@@ -21,17 +21,17 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import time
 import uuid
 from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
-from raylm.core import storage
+from raylm.core import lineage, storage
 from raylm.core.artifacts import RUN
 from raylm.core.errors import ConfigError
 
 MARKER = ".raylm-output.json"
+PARTIAL = ".partial-"  # a staged output's temporary sibling: <final>.partial-<id>
 SHOWN_ENTRIES = 3  # how many foreign entries an error message names
 
 
@@ -76,7 +76,7 @@ def claim(path: str, kind: str) -> None:
         return
     storage.write_json(
         storage.join(path, MARKER),
-        {"kind": kind, "writer": "raylm", "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        {"kind": kind, "writer": "raylm", "created_at": lineage.utc_timestamp()},
     )
 
 
@@ -160,7 +160,7 @@ def check_folder_of_outputs(key: str, path: str) -> None:
         raise ConfigError(f"{key}: {path} is an existing file; it must be a folder")
     if output_kind(path) == RUN:
         return
-    foreign = [e for e in entries if ".partial-" not in e and output_kind(storage.join(path, e)) is None]
+    foreign = [e for e in entries if PARTIAL not in e and output_kind(storage.join(path, e)) is None]
     if foreign:
         raise ConfigError(
             f"{key}: {path} already holds files that raylm did not write ({_some(foreign)}); point it at a new "
@@ -205,7 +205,7 @@ def staged_output(final: str, kind: str) -> Iterator[str]:
         yield final
         return
     final = os.path.abspath(final)
-    tmp = f"{final}.partial-{uuid.uuid4().hex[:8]}"
+    tmp = f"{final}{PARTIAL}{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:
         claim(tmp, kind)

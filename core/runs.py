@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +30,10 @@ from raylm.core.artifacts import (
     RunDir,
 )
 from raylm.core.errors import InputError
-from raylm.core.outputs import MARKER
+from raylm.core.lineage import utc_timestamp
+from raylm.core.outputs import MARKER, PARTIAL  # PARTIAL: its stage is running, or was killed
 from raylm.core.stages import STAGES
 
-# A staged output's temporary sibling (core/outputs.py): its stage is running, or was killed.
-PARTIAL = ".partial-"
 # A stage output's status in `raylm runs`.
 COMPLETE, INCOMPLETE, STARTED, CONFIGURED, UNREADABLE = (
     "complete",
@@ -73,13 +71,9 @@ def entries(folder: str) -> dict[str, pafs.FileInfo] | None:
     return {os.path.basename(i.path.rstrip("/")): i for i in fs.get_file_info(pafs.FileSelector(path))}
 
 
-def utc(seconds: float) -> str:
-    """A timestamp in the manifests' format (created_at)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
 def mtime(info: pafs.FileInfo) -> str | None:
-    return utc(info.mtime_ns / 1e9) if info.mtime_ns is not None else None
+    """A file's modification time in the manifests' format (created_at)."""
+    return utc_timestamp(info.mtime_ns / 1e9) if info.mtime_ns is not None else None
 
 
 def read_doc(uri: str) -> dict[str, Any] | None:
